@@ -1,0 +1,1 @@
+"""Everything between a folder of photos and identity-balanced training batches."""

@@ -1,0 +1,146 @@
+"""Command-line flags, defined once for train.py, evaluate.py and export.py (absl).
+
+Import this module and call the ``define_*`` functions you need before ``app.run(main)``; each group
+is defined at most once per process, so a module may call a group that another already defined.
+Flag values are read from ``absl.flags.FLAGS``.
+"""
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+MODEL_NAMES = ("nn1", "nn2", "nn3", "nn4", "nns1", "nns2", "tiny")
+MINING_CHOICES = ("semi_hard", "semi_hard_paper", "hard", "all")
+DISTANCE_CHOICES = ("squared_l2", "l2", "cosine")
+
+_defined = set()
+
+
+def _once(group):
+    def wrap(fn):
+        def inner():
+            if group in _defined:
+                return
+            _defined.add(group)
+            fn()
+
+        inner.__doc__ = fn.__doc__
+        inner.__name__ = fn.__name__
+        return inner
+
+    return wrap
+
+
+@_once("common")
+def define_common_flags():
+    """Model identity and run location: shared by every entry point."""
+    flags.DEFINE_enum("model", "tiny", MODEL_NAMES, "Network architecture (FaceNet Section 3.3).")
+    flags.DEFINE_string(
+        "image_size", None,
+        "Input size as 'S' or 'HxW' in pixels; default is the model's own (nn1 220, nn2 224, "
+        "nn3 160, nn4 96, nns1 165, nns2 140x116).")
+    flags.DEFINE_integer("embedding_size", 128, "Embedding dimension (the paper uses 128).")
+    flags.DEFINE_enum("normalization", "batch", ("batch", "lrn"),
+                      "Normalisation layers: batch norm (default) or the paper's LRN.")
+    flags.DEFINE_string("model_dir", None, "Directory for checkpoints, logs and exports.")
+    flags.DEFINE_integer("seed", 1234, "Random seed for data order, augmentation and init.")
+    flags.DEFINE_string("export_dir", None,
+                        "SavedModel directory: written by export.py (default model_dir/export), "
+                        "read by evaluate.py.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size for embedding (evaluation and export checks).")
+
+
+@_once("data")
+def define_data_flags():
+    """Where images come from."""
+    flags.DEFINE_string("data_dir", None,
+                        "Folder-per-identity image tree, or a TFRecord glob (e.g. 'shards/*.tfrecord'). "
+                        "Empty: the built-in synthetic faces.")
+    flags.DEFINE_string("val_dir", None, "Folder-per-identity hold-out tree for validation.")
+    flags.DEFINE_string("lfw_dir", None, "LFW-format image root (name/name_0001.ext).")
+    flags.DEFINE_string("lfw_pairs", None, "LFW pairs file: View 2 pairs.txt or a View 1 dev file.")
+    flags.DEFINE_string("cache_dir", None,
+                        "Where the built-in synthetic faces are cached "
+                        "(default $FACENET_CACHE or ~/.cache/facenet).")
+
+
+@_once("train")
+def define_train_flags():
+    """Batches, loss, optimisation and run control for train.py."""
+    define_common_flags()
+    define_data_flags()
+    flags.DEFINE_integer("identities_per_batch", 16, "P: identities per batch.")
+    flags.DEFINE_integer("images_per_identity", 8, "K: images per identity in a batch.")
+    flags.DEFINE_enum("small_identities", "replace", ("replace", "drop"),
+                      "Identities with fewer than K images: sample with replacement, or drop.")
+    flags.DEFINE_enum("mining", "semi_hard", MINING_CHOICES, "Online triplet mining strategy.")
+    flags.DEFINE_enum("distance", "squared_l2", DISTANCE_CHOICES, "Embedding distance in the loss.")
+    flags.DEFINE_float("margin", 0.2, "Triplet margin alpha (the paper's 0.2).")
+    flags.DEFINE_float("val_fraction", 0.2, "Fraction of identities held out when no --val_dir.")
+    flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "sgd"),
+                      "Optimiser: Adagrad as in the paper, Adam, or SGD with momentum.")
+    flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate (paper: 0.05 with Adagrad).")
+    flags.DEFINE_enum("lr_schedule", "constant", ("constant", "cosine", "step"),
+                      "Learning-rate schedule over --max_steps.")
+    flags.DEFINE_float("momentum", 0.9, "Momentum for --optimizer=sgd.")
+    flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay applied by the optimiser.")
+    flags.DEFINE_integer("max_steps", None, "Stop after this many steps (overrides --epochs).")
+    flags.DEFINE_integer("steps_per_epoch", 100, "Steps between validations and checkpoints.")
+    flags.DEFINE_integer("epochs", None, "Number of epochs; default from --max_steps.")
+    flags.DEFINE_float("max_minutes", None, "Stop cleanly after this much wall-clock training time.")
+    flags.DEFINE_boolean("augment", True, "Random crop, flip and photometric augmentation.")
+    flags.DEFINE_boolean("mixed_precision", False, "Use the mixed_float16 policy.")
+    flags.DEFINE_enum("distribution_strategy", "default",
+                      ("default", "mirrored", "multi_worker_mirrored"),
+                      "tf.distribute strategy; mining happens per replica.")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept by the CheckpointManager.")
+    flags.DEFINE_integer("projector_images", 500, "Validation images shown in the projector.")
+    flags.DEFINE_boolean("projector_only", False, "Only (re)write the projector files and exit.")
+    flags.DEFINE_boolean("export", True, "Write a SavedModel to model_dir/export at the end.")
+    flags.DEFINE_integer("synthetic_identities", 400, "Built-in data: number of identities.")
+    flags.DEFINE_integer("synthetic_images_per_identity", 20, "Built-in data: images per identity.")
+
+
+@_once("export")
+def define_export_flags():
+    """export.py: which checkpoint and where to."""
+    define_common_flags()
+    flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: latest in model_dir).")
+    flags.DEFINE_float("threshold", None, "Verification threshold to store (default: from model_dir).")
+
+
+@_once("evaluate")
+def define_evaluate_flags():
+    """evaluate.py: the model, the protocol and the outputs."""
+    define_common_flags()
+    define_data_flags()
+    flags.DEFINE_boolean("flip", False, "Add horizontal-flip test-time augmentation.")
+    flags.DEFINE_boolean("strict", False, "Score pairs with a missing image as wrong.")
+    flags.DEFINE_enum("pairs", "balanced", ("all", "balanced"),
+                      "Hold-out set (--data_dir): all pairs, or a balanced sample.")
+    flags.DEFINE_integer("num_pairs", 6000, "Balanced sample size for --pairs=balanced.")
+    flags.DEFINE_integer("num_folds", 10, "Cross-validation folds for threshold selection.")
+    flags.DEFINE_boolean("identification", True, "Run the identification protocol (hold-out set).")
+    flags.DEFINE_boolean("clustering", True, "Run the clustering protocol (hold-out set).")
+    flags.DEFINE_integer("num_clusters", None, "k for k-means; default agglomerative by threshold.")
+    flags.DEFINE_string("output_json", None, "Write the metrics here as JSON.")
+    flags.DEFINE_string("output_dir", None, "Write ROC and distance-histogram PNGs here.")
+
+
+def parse_image_size(value, default):
+    """'160' -> (160, 160); '140x116' -> (140, 116); None -> default (an int or (H, W))."""
+    if value is None or value == "":
+        value = default
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)):
+        return (int(value[0]), int(value[1]))
+    text = str(value).lower().replace("×", "x")
+    parts = text.split("x")
+    try:
+        if len(parts) == 1:
+            return (int(parts[0]), int(parts[0]))
+        if len(parts) == 2:
+            return (int(parts[0]), int(parts[1]))
+    except ValueError:
+        pass
+    raise ValueError(f"image size must look like '160' or '140x116', got {value!r}")
