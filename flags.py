@@ -92,6 +92,9 @@ def define_train_flags():
     flags.DEFINE_enum("distribution_strategy", "default",
                       ("default", "mirrored", "multi_worker_mirrored"),
                       "tf.distribute strategy; mining happens per replica.")
+    flags.DEFINE_integer("num_cpu_devices", 1,
+                         "Split the CPU into this many logical devices (to try --distribution_"
+                         "strategy=mirrored without GPUs).")
     flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept by the CheckpointManager.")
     flags.DEFINE_integer("projector_images", 500, "Validation images shown in the projector.")
     flags.DEFINE_boolean("projector_only", False, "Only (re)write the projector files and exit.")
@@ -122,6 +125,11 @@ def define_evaluate_flags():
     flags.DEFINE_boolean("identification", True, "Run the identification protocol (hold-out set).")
     flags.DEFINE_boolean("clustering", True, "Run the clustering protocol (hold-out set).")
     flags.DEFINE_integer("num_clusters", None, "k for k-means; default agglomerative by threshold.")
+    flags.DEFINE_enum("clustering_linkage", "average", ("average", "complete"),
+                      "Agglomerative linkage on squared L2 distances, cut at the verification "
+                      "threshold.")
+    flags.DEFINE_float("impostor_fraction", 0.2,
+                       "Identification: fraction of identities held out as open-set impostors.")
     flags.DEFINE_string("output_json", None, "Write the metrics here as JSON.")
     flags.DEFINE_string("output_dir", None, "Write ROC and distance-histogram PNGs here.")
 

@@ -1,0 +1,377 @@
+"""Align a photo collection into FaceNet thumbnails: one face crop per image, MTCNN-detected.
+
+    python -m data.align --input_dir RAW --output_dir ALIGNED --image_size 160 --margin 32
+
+FaceNet trains on "thumbnails tightly cropped around the face area" (Section 4). This tool mirrors
+the input tree (``RAW/<identity>/<image>`` -> ``ALIGNED/<identity>/<stem>.png``; a flat folder, or
+any depth, works the same), keeps one face per image (:func:`data.detect.select_face`), and crops
+it by box + margin (davidsandberg/facenet's convention) or by a 5-point similarity warp
+(``--align=landmarks``).
+
+* Every image that yields no crop is listed in ``ALIGNED/align_report.tsv`` (path, reason,
+  detail); reasons: ``no_face``, the :class:`data.image_io.UnreadableImageError` reasons
+  (``empty``, ``not_an_image``, ``truncated``, ``too_large``, ``unsupported``), ``error``
+  (anything unexpected, with the exception text). Files whose extension is not an image's are
+  not read; they are counted as ``ignored_files``.
+* The run ends by printing one JSON line: ``{"processed", "aligned", "no_face", "unreadable",
+  "skipped_existing", "error", "ignored_files", "unreadable_by_reason", "seconds"}`` with
+  processed = aligned + no_face + unreadable + error + skipped_existing.
+* Resumable: an output that already exists is not recomputed (``skipped_existing``); outputs are
+  written to a temporary name and renamed, so a killed run never leaves a partial PNG. Images that
+  failed are retried on the next run (failures are cheap and deterministic).
+* ``--detect_only FILE.json`` writes every face (box, score, landmarks, in source pixels) of every
+  image and no crops.
+* ``--workers N`` processes (spawned; each builds its own MTCNN once).
+
+Huge JPEGs are decoded reduced (:func:`data.image_io.read_image_downscaled`, longest side
+``--max_decode_side``); boxes and crops then use that copy, with ``--margin`` converted to its pixels.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import collections  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from data import image_io  # noqa: E402
+
+#: File extensions read as images (others are counted as ignored, never opened).
+ALIGN_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".pgm", ".ppm", ".pbm",
+                    ".pnm", ".webp", ".gif", ".tif", ".tiff")
+REPORT_NAME = "align_report.tsv"
+DEFAULT_MAX_DECODE_SIDE = 4096
+_TMP_MARK = ".partial-"
+
+AlignJob = collections.namedtuple("AlignJob", "src dst rel")
+
+
+# ----------------------------------------------------------------------------- single image
+def align_image(path, image_size=160, margin=32, mode="box", detector=None,
+                max_decode_side=DEFAULT_MAX_DECODE_SIDE):
+    """Read, detect, select and crop the face of one photo.
+
+    Args:
+        path: image file.
+        image_size: output side S, pixels.
+        margin: see :func:`data.detect.crop_face` ("box": source pixels; "landmarks": output pixels).
+        mode: "box" or "landmarks".
+        detector: a :class:`data.detect.FaceDetector` (default: the process-wide one).
+        max_decode_side: longer side above which the photo is decoded reduced.
+    Returns:
+        ``(crop, reason)``: uint8 [S, S, 3] and "aligned", or None and the reason
+        ("no_face" or an UnreadableImageError reason). Unexpected errors propagate.
+    """
+    crop, reason, _ = _align_one(path, image_size, margin, mode, detector, max_decode_side)
+    return crop, reason
+
+
+def _read(path, max_decode_side):
+    """(uint8 RGB [h, w, 3], source pixels per returned pixel); raises UnreadableImageError."""
+    return image_io.read_image_downscaled(path, max_decode_side)
+
+
+def _align_one(path, image_size, margin, mode, detector, max_decode_side):
+    from data import detect
+
+    try:
+        image, scale = _read(path, max_decode_side)
+    except image_io.UnreadableImageError as exc:
+        return None, exc.reason, str(exc)
+    detector = detector or detect.default_detector()
+    faces = detector.detect(image)
+    face = detect.select_face(faces, image.shape)
+    if face is None:
+        return None, "no_face", f"{image.shape[1]}x{image.shape[0]}"
+    crop_margin = margin / scale if mode == "box" else margin
+    return detect.crop_face(image, face, image_size, crop_margin, mode=mode), "aligned", ""
+
+
+def _detect_one(path, detector, max_decode_side):
+    """JSON-able record of all faces in one photo, coordinates in upright source pixels."""
+    from data import detect
+
+    try:
+        image, scale = _read(path, max_decode_side)
+    except image_io.UnreadableImageError as exc:
+        return {"faces": [], "reason": exc.reason, "detail": str(exc)}
+    faces = (detector or detect.default_detector()).detect(image)
+    h, w = image.shape[:2]
+    return {"width": int(round(w * scale)), "height": int(round(h * scale)),
+            "faces": [f.scaled(scale).to_json() for f in faces],
+            "reason": "aligned" if faces else "no_face"}
+
+
+# ----------------------------------------------------------------------------- files
+def list_jobs(input_dir, output_dir):
+    """Images under ``input_dir`` and their output paths, sorted.
+
+    Returns:
+        (jobs, ignored): list of :class:`AlignJob` (src, dst, rel = src relative to input_dir);
+        ``ignored`` = relative paths of files skipped for their extension. Hidden files and
+        folders, and ``output_dir`` when it lies inside ``input_dir``, are not scanned. Two
+        inputs with the same stem in one folder (a.jpg, a.png) get distinct outputs
+        (a.png, a_png.png).
+    """
+    input_dir = os.path.abspath(input_dir)
+    output_dir = os.path.abspath(output_dir)
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
+    jobs, ignored, taken = [], [], set()
+    for root, dirs, files in os.walk(input_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != output_dir)
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, input_dir)
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in ALIGN_EXTENSIONS:
+                ignored.append(rel)
+                continue
+            rel_dir = os.path.dirname(rel)
+            out_rel = os.path.join(rel_dir, stem + ".png")
+            if out_rel in taken:
+                out_rel = os.path.join(rel_dir, f"{stem}_{ext.lstrip('.').lower()}.png")
+            taken.add(out_rel)
+            jobs.append(AlignJob(src, os.path.join(output_dir, out_rel), rel))
+    return jobs, ignored
+
+
+def write_png_atomic(path, image_rgb):
+    """Write uint8 RGB [H, W, 3] as PNG: temporary file in the same folder, then rename."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _remove_stale_partials(output_dir):
+    removed = 0
+    for root, _, files in os.walk(output_dir):
+        for name in files:
+            if name.startswith(".") and _TMP_MARK in name:
+                os.remove(os.path.join(root, name))
+                removed += 1
+    return removed
+
+
+# ----------------------------------------------------------------------------- workers
+_worker_state = {}
+
+
+def _worker_init(settings, detector=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from data import detect
+
+    if settings.get("threads_per_worker"):
+        import tensorflow as tf  # share the cores between workers instead of oversubscribing
+
+        tf.config.threading.set_intra_op_parallelism_threads(settings["threads_per_worker"])
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    _worker_state["settings"] = settings
+    _worker_state["detector"] = detector or detect.FaceDetector(**settings["detector"])
+
+
+def _worker_task(job):
+    """One image -> (rel, status, detail, detect_record or None). Never raises."""
+    s = _worker_state["settings"]
+    det = _worker_state["detector"]
+    try:
+        if s["detect_only"]:
+            rec = _detect_one(job.src, det, s["max_decode_side"])
+            return job.rel, rec["reason"], rec.get("detail", ""), rec
+        crop, reason, detail = _align_one(job.src, s["image_size"], s["margin"], s["mode"], det,
+                                          s["max_decode_side"])
+        if crop is not None:
+            write_png_atomic(job.dst, crop)
+        return job.rel, reason, detail, None
+    except Exception as exc:  # a bad image must not stop a long run: count and report it
+        return job.rel, "error", f"{type(exc).__name__}: {exc}", None
+
+
+# ----------------------------------------------------------------------------- driver
+def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="box", workers=1,
+                  detect_only=None, min_face_size=None, thresholds=None,
+                  max_decode_side=DEFAULT_MAX_DECODE_SIDE, progress=True, device="CPU:0",
+                  detector=None):
+    """Align (or only detect) every image under ``input_dir``. See the module docstring.
+
+    Args:
+        input_dir: photo tree.
+        output_dir: aligned tree (required unless ``detect_only``); the report goes here.
+        image_size, margin, mode: the crop (see :func:`data.detect.crop_face`).
+        workers: processes; 1 runs in this process.
+        detect_only: path of a JSON file: write all detections there, no crops.
+        min_face_size, thresholds: MTCNN settings (None: data.detect defaults).
+        max_decode_side: longer side above which photos are decoded reduced.
+        progress: show a keras Progbar.
+        device: TensorFlow device for MTCNN.
+        detector: a ready :class:`data.detect.FaceDetector` to use when workers == 1 (then
+            min_face_size, thresholds and device are ignored).
+    Returns:
+        the counts dict that the CLI prints.
+    """
+    from data import detect
+
+    if mode not in ("box", "landmarks"):
+        raise ValueError(f"mode must be 'box' or 'landmarks', got {mode!r}")
+    if output_dir is None and not detect_only:
+        raise ValueError("output_dir is required unless detect_only is given")
+    if int(image_size) < 1 or margin < 0:
+        raise ValueError(f"need image_size >= 1 and margin >= 0, got {image_size}, {margin}")
+    start = time.time()
+    jobs, ignored = list_jobs(input_dir, output_dir or os.path.join(input_dir, ".none"))
+    counts = collections.Counter()
+    counts["ignored_files"] = len(ignored)
+    todo = jobs
+    if not detect_only:
+        os.makedirs(output_dir, exist_ok=True)
+        _remove_stale_partials(output_dir)
+        todo = [j for j in jobs if not os.path.exists(j.dst)]
+        counts["skipped_existing"] = len(jobs) - len(todo)
+    detector_kwargs = {"device": device}
+    if min_face_size is not None:
+        detector_kwargs["min_face_size"] = min_face_size
+    if thresholds is not None:
+        detector_kwargs["thresholds"] = tuple(thresholds)
+    settings = {"detector": detector_kwargs, "image_size": int(image_size), "margin": margin,
+                "mode": mode, "detect_only": bool(detect_only), "max_decode_side": max_decode_side}
+
+    report_path = os.path.join(output_dir, REPORT_NAME) if output_dir else None
+    report = open(report_path, "w", encoding="utf-8") if report_path else None
+    if report:
+        report.write("path\treason\tdetail\n")
+    records = {}
+    by_reason = collections.Counter()
+    bar = None
+    if progress and todo:
+        from keras.utils import Progbar
+
+        bar = Progbar(len(todo), unit_name="image")
+    workers = max(1, min(int(workers), len(todo) or 1))
+    try:
+        if workers == 1:
+            if todo:
+                _worker_init(settings, detector)
+            results = map(_worker_task, todo)
+            pool = None
+        else:
+            settings["threads_per_worker"] = max(1, (os.cpu_count() or 1) // workers)
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(settings,))
+            results = pool.imap_unordered(_worker_task, todo, chunksize=4)
+        for i, (rel, reason, detail, rec) in enumerate(results, 1):
+            if rec is not None:
+                records[rel] = rec
+            if reason == "aligned":
+                counts["aligned"] += 1
+            elif reason == "no_face":
+                counts["no_face"] += 1
+            elif reason == "error":
+                counts["error"] += 1
+            else:
+                counts["unreadable"] += 1
+                by_reason[reason] += 1
+            if reason != "aligned" and report:
+                clean = " ".join(str(detail).split())
+                report.write(f"{rel}\t{reason}\t{clean}\n")
+                report.flush()
+            if bar:
+                bar.update(i)
+        if pool:
+            pool.close()
+            pool.join()
+    finally:
+        if report:
+            report.close()
+        _worker_state.clear()
+    for key in ("aligned", "no_face", "unreadable", "skipped_existing", "error"):
+        counts[key] += 0
+    counts["processed"] = len(jobs)
+    result = {"processed": counts["processed"], "aligned": counts["aligned"],
+              "no_face": counts["no_face"], "unreadable": counts["unreadable"],
+              "skipped_existing": counts["skipped_existing"], "error": counts["error"],
+              "ignored_files": counts["ignored_files"],
+              "unreadable_by_reason": dict(sorted(by_reason.items())),
+              "seconds": round(time.time() - start, 2)}
+    if detect_only:
+        result["faces"] = int(sum(len(r["faces"]) for r in records.values()))
+        payload = {"input_dir": os.path.abspath(input_dir),
+                   "detector": {"min_face_size": min_face_size or detect.DEFAULT_MIN_FACE_SIZE,
+                                "thresholds": list(thresholds or detect.DEFAULT_THRESHOLDS)},
+                   "coordinates": "upright source pixels; box = [x0, y0, x1, y1]",
+                   "images": {rel: records[rel] for rel in sorted(records)}, "counts": result}
+        folder = os.path.dirname(os.path.abspath(detect_only))
+        os.makedirs(folder, exist_ok=True)
+        tmp = detect_only + _TMP_MARK + str(os.getpid())
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+        os.replace(tmp, detect_only)
+    return result
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("input_dir", None, "Photo tree: root/<identity>/<image>, or a flat folder.")
+    flags.DEFINE_string("output_dir", None, "Aligned tree (mirrors input_dir); report goes here.")
+    flags.DEFINE_integer("image_size", 160, "Side of the square output crop, pixels.")
+    flags.DEFINE_float("margin", 32, "box: source pixels around the face box in total (half per "
+                       "side); landmarks: output pixels around the template.")
+    flags.DEFINE_enum("align", "box", ("box", "landmarks"),
+                      "box: crop box+margin and resize; landmarks: 5-point similarity warp.")
+    flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1), "Worker processes.")
+    flags.DEFINE_string("detect_only", None, "Write all detections to this JSON file; no crops.")
+    flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).")
+    flags.DEFINE_list("thresholds", None, "MTCNN PNet,RNet,ONet thresholds (default 0.6,0.7,0.8).")
+    flags.DEFINE_integer("max_decode_side", DEFAULT_MAX_DECODE_SIDE,
+                         "Photos with a longer side above this are decoded reduced.")
+    flags.DEFINE_string("device", "CPU:0", "TensorFlow device for MTCNN, e.g. GPU:0.")
+    return flags.FLAGS
+
+
+def main(argv=None):
+    from absl import app
+
+    FLAGS = _define_flags()
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        if not FLAGS.input_dir:
+            raise app.UsageError("--input_dir is required")
+        if not FLAGS.output_dir and not FLAGS.detect_only:
+            raise app.UsageError("--output_dir is required (or --detect_only FILE.json)")
+        thresholds = [float(t) for t in FLAGS.thresholds] if FLAGS.thresholds else None
+        result = run_alignment(FLAGS.input_dir, FLAGS.output_dir, image_size=FLAGS.image_size,
+                               margin=FLAGS.margin, mode=FLAGS.align, workers=FLAGS.workers,
+                               detect_only=FLAGS.detect_only, min_face_size=FLAGS.min_face_size,
+                               thresholds=thresholds, max_decode_side=FLAGS.max_decode_side,
+                               device=FLAGS.device)
+        print(json.dumps(result), flush=True)
+
+    app.run(_main, argv=argv or sys.argv)
+
+
+if __name__ == "__main__":
+    main()

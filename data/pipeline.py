@@ -1,0 +1,380 @@
+"""tf.data input pipelines: identity-balanced training batches and ordered evaluation batches.
+
+FaceNet mines triplets inside each mini-batch, so every batch must hold several images of each of
+its identities (Section 3.2: "around 40 faces are selected per identity per mini-batch"; Section 4:
+batches of ~1,800 images). :func:`balanced_dataset` yields batches of exactly P distinct identities x
+exactly K images, sampled in-graph:
+
+1. an infinite stream of epochs; each epoch is a seeded permutation of the usable identities, cut
+   into groups of P (so every identity appears once per epoch, none twice in a batch);
+2. per group, K image indices per identity from a per-class index table (a random permutation of
+   the identity's images; identities with fewer than K images cycle through that permutation, i.e.
+   sampling with replacement that uses every image as evenly as possible);
+3. unbatch, decode + augment in parallel (order kept), batch P*K, prefetch.
+
+All randomness is stateless and derived from ``(seed, batch number, position)``, so the same seed
+gives the same batches (pixels included) whatever the parallelism.
+
+Decoding: JPEG, BMP and PNG without alpha/palette are decoded in-graph by TensorFlow; anything else
+(PGM/PPM, GIF, WebP, TIFF, PNG with alpha or palette) goes through :func:`data.image_io.read_image`
+(grey -> 3 channels, alpha composited on white). TensorFlow ignores JPEG EXIF orientation (aligned
+crops carry none). The pipeline expects **validated** data: a corrupt file fails the input pipeline
+with an error naming the file. Run :func:`validate_files` once (train.py does) to drop and report
+bad files up front.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from data import augment as augment_lib
+from data.dataset import EmptyDatasetError, IdentityDataset
+from data.preprocess import preprocess
+
+SMALL_IDENTITY_POLICIES = ("replace", "drop")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+def _tf_decodable(contents):
+    """bool scalar: TensorFlow's decoder gives the same pixels as data.image_io for these bytes.
+
+    JPEG (FF D8 FF), BMP ("BM") and PNG whose IHDR colour type (byte 25) is 0 (grey) or 2 (RGB).
+    """
+    # Read the header from a padded copy: substr fails on positions past the end of short files.
+    head = tf.strings.substr(contents, 0, 32) + b"\0" * 32
+    is_jpeg = tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff")
+    is_bmp = tf.equal(tf.strings.substr(head, 0, 2), b"BM")
+    is_png = tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n")
+    png_type = tf.strings.substr(head, 25, 1)
+    png_plain = tf.logical_and(is_png, tf.logical_or(tf.equal(png_type, b"\x00"),
+                                                     tf.equal(png_type, b"\x02")))
+    return tf.logical_or(tf.logical_or(is_jpeg, is_bmp), png_plain)
+
+
+def _read_with_image_io(path: str) -> np.ndarray:
+    from data.image_io import read_image  # imported lazily: Pillow only when needed
+
+    return read_image(path)
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return bytes(value)
+
+
+def _py_decode_path(path) -> np.ndarray:
+    return _read_with_image_io(_as_bytes(path).decode("utf-8"))
+
+
+def _py_decode_bytes(contents) -> np.ndarray:
+    contents = _as_bytes(contents)
+    if len(contents) == 0:
+        raise ValueError("empty image bytes")
+    fd, tmp = tempfile.mkstemp(prefix="facenet_decode_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(contents)
+        return _read_with_image_io(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def decode_image(contents, path=None):
+    """Encoded image bytes (string scalar) -> uint8 [h, w, 3] RGB, in graph mode.
+
+    TF-native formats are decoded in-graph; others through ``data.image_io.read_image`` (reading
+    ``path`` when given, else the bytes). Grey is repeated to 3 channels, alpha removed.
+    """
+    contents = tf.convert_to_tensor(contents, tf.string)
+
+    def tf_decode():
+        return tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+
+    def py_decode():
+        if path is not None:
+            img = tf.numpy_function(_py_decode_path, [path], tf.uint8, stateful=False)
+        else:
+            img = tf.numpy_function(_py_decode_bytes, [contents], tf.uint8, stateful=False)
+        return tf.ensure_shape(img, [None, None, 3])
+
+    image = tf.cond(_tf_decodable(contents), tf_decode, py_decode)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def load_image(path):
+    """Reads and decodes one file: path string scalar -> uint8 [h, w, 3] RGB."""
+    path = tf.convert_to_tensor(path, tf.string)
+    return decode_image(tf.io.read_file(path), path)
+
+
+def load_and_resize(path_or_contents, image_size, is_contents=False):
+    """File (or encoded bytes) -> float32 [H, W, 3], 0..255, resized to image_size = (H, W)."""
+    image = decode_image(path_or_contents) if is_contents else load_image(path_or_contents)
+    return tf.clip_by_value(augment_lib.resize(image, image_size), 0.0, 255.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def _failure_reason(path: str) -> str:
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        image = _read_with_image_io(path)
+    except Exception as exc:  # noqa: BLE001 - the reason is what we want
+        return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+    try:
+        load_image(tf.constant(path)).numpy()
+    except tf.errors.OpError as exc:
+        return f"tensorflow decode failed: {exc.message.splitlines()[0][:200]}"
+    del image
+    return "unknown decode failure"
+
+
+def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
+                   ) -> Tuple[IdentityDataset, List[Tuple[str, str]]]:
+    """Decodes every image once, exactly as the training pipeline will, and drops bad ones.
+
+    Bad files (missing, zero-byte, not an image, truncated, unsupported) are logged and returned
+    with a reason; identities left without any image are dropped (logged) and the rest keep their
+    order but are relabelled 0..C'-1 if any identity disappears.
+
+    Args:
+      dataset: the scanned dataset.
+    Returns:
+      ``(clean, skipped)`` with ``skipped`` a list of ``(path, reason)``.
+    Raises:
+      EmptyDatasetError: no image decodes.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise EmptyDatasetError("validate_files: the dataset holds no images")
+    paths = tf.constant(list(dataset.paths), tf.string)
+
+    def check(i):
+        image = load_image(paths[i])
+        ok = tf.logical_and(tf.shape(image)[0] > 0, tf.shape(image)[1] > 0)
+        return i, ok
+
+    ds = tf.data.Dataset.range(n).map(check, num_parallel_calls=num_parallel_calls,
+                                      deterministic=False)
+    ds = ds.ignore_errors()
+    good = np.zeros([n], dtype=bool)
+    for i, ok in ds.as_numpy_iterator():
+        good[i] = ok
+    skipped = [(dataset.paths[i], _failure_reason(dataset.paths[i]))
+               for i in np.flatnonzero(~good)]
+    for path, reason in skipped[:20]:
+        logging.warning("validate_files: skipping %s (%s)", path, reason)
+    if len(skipped) > 20:
+        logging.warning("validate_files: ... and %d more bad files", len(skipped) - 20)
+    if not good.any():
+        raise EmptyDatasetError(f"validate_files: none of the {n} images could be decoded "
+                                f"(first: {skipped[0][0]}: {skipped[0][1]})")
+    clean = dataset.subset_images(np.flatnonzero(good))
+    counts = clean.images_per_class()
+    if (counts == 0).any():
+        emptied = [dataset.class_names[c] for c in np.flatnonzero(counts == 0)]
+        logging.warning("validate_files: %d identities lost all their images (e.g. %r)",
+                        len(emptied), emptied[0])
+        clean = clean.subset(np.flatnonzero(counts > 0))
+    logging.info("validate_files: %d of %d images usable, %d skipped", len(clean), n, len(skipped))
+    return clean, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Balanced sampling
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_source(source):
+    """-> (items: np.ndarray of str/bytes [N], labels int32 [N], class_names, items_are_bytes)."""
+    if isinstance(source, IdentityDataset):
+        if len(source) == 0:
+            raise EmptyDatasetError("balanced_dataset: the dataset holds no images")
+        return (np.asarray(source.paths, dtype=object), source.labels, source.class_names, False)
+    if isinstance(source, (str, os.PathLike)) or (
+            isinstance(source, (list, tuple)) and all(isinstance(s, (str, os.PathLike))
+                                                      for s in source)):
+        from data.tfrecords import load_tfrecords
+
+        table = load_tfrecords(source)
+        return table.encoded, table.labels, table.class_names, True
+    raise TypeError("source must be an IdentityDataset or a TFRecord glob / list of files, got "
+                    f"{type(source).__name__}")
+
+
+def _class_table(labels: np.ndarray, num_classes: int):
+    """Per-class index table: (order int64 [N] item indices grouped by class, starts [C], counts [C])."""
+    order = np.argsort(labels, kind="stable").astype(np.int64)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return order, starts, counts
+
+
+def usable_identities(counts: np.ndarray, images_per_identity: int, small_identities: str):
+    """int64 [C']: class indices that balanced batches may draw, under the small-identity policy."""
+    if small_identities == "drop":
+        return np.flatnonzero(counts >= images_per_identity).astype(np.int64)
+    return np.flatnonzero(counts >= 1).astype(np.int64)
+
+
+def balanced_dataset(source, identities_per_batch: int, images_per_identity: int, image_size,
+                     augment: bool = True, seed=None, small_identities: str = "replace",
+                     crop_fraction: float = 0.875, flip: bool = True, photometric: bool = False,
+                     num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE):
+    """Infinite dataset of identity-balanced batches (FaceNet Section 3.2).
+
+    Args:
+      source: an :class:`IdentityDataset` (preferably validated, see :func:`validate_files`) or
+        a TFRecord glob / list of files written by :mod:`data.tfrecords` (any tf.io.gfile path;
+        the records are loaded into memory once, see :func:`data.tfrecords.load_tfrecords`).
+      identities_per_batch: P, distinct identities per batch.
+      images_per_identity: K, images per identity per batch.
+      image_size: (H, W) in pixels (or an int for a square).
+      augment: random crop (scale in [crop_fraction, 1]) + resize, flip, optional photometric;
+        False gives plain resizes.
+      seed: int; same seed -> same batches. None draws a random seed.
+      small_identities: identities with fewer than K images: "replace" samples them with
+        replacement (every image used as evenly as possible, single-image identities included),
+        "drop" leaves them out.
+      crop_fraction: smallest random-crop side as a fraction of the image side.
+      flip: random horizontal flips (when augment).
+      photometric: random brightness/contrast (when augment).
+    Returns:
+      tf.data.Dataset of ``(images float32 [P*K, H, W, 3] preprocessed as data.preprocess,
+      labels int32 [P*K])``; labels are the source's class indices; images of one identity are
+      contiguous (identity p occupies rows p*K .. p*K+K-1).
+    Raises:
+      ValueError: fewer than P usable identities, bad arguments.
+    """
+    p = int(identities_per_batch)
+    k = int(images_per_identity)
+    if p < 1 or k < 1:
+        raise ValueError(f"identities_per_batch and images_per_identity must be >= 1, got {p}, {k}")
+    if small_identities not in SMALL_IDENTITY_POLICIES:
+        raise ValueError(f"small_identities must be one of {SMALL_IDENTITY_POLICIES}, "
+                         f"got {small_identities!r}")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    items, labels, class_names, items_are_bytes = _resolve_source(source)
+    num_classes = len(class_names)
+    order, starts, counts = _class_table(np.asarray(labels, np.int32), num_classes)
+    usable = usable_identities(counts, k, small_identities)
+    small = int(((counts > 0) & (counts < k)).sum())
+    if small:
+        if small_identities == "drop":
+            logging.info("balanced_dataset: dropping %d identities with fewer than K=%d images",
+                         small, k)
+        else:
+            logging.info("balanced_dataset: %d identities have fewer than K=%d images and are "
+                         "sampled with replacement (%d have a single image)", small, k,
+                         int((counts == 1).sum()))
+    if usable.size < p:
+        raise ValueError(
+            f"balanced_dataset: only {usable.size} identities are usable (small_identities="
+            f"{small_identities!r}, K={k}) but a batch needs P={p} distinct identities; lower "
+            f"identities_per_batch, lower images_per_identity or use small_identities='replace'")
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    base_seed = tf.constant([int(seed) & 0x7FFFFFFF, 0x5EED], tf.int64)
+    groups_per_epoch = usable.size // p
+
+    usable_t = tf.constant(usable, tf.int64)
+    order_t = tf.constant(order, tf.int64)
+    starts_t = tf.constant(starts, tf.int64)
+    counts_t = tf.constant(counts, tf.int64)
+    if items_are_bytes:
+        table = tf.constant(items.tolist(), tf.string)
+    else:
+        table = tf.constant([os.fspath(x) for x in items], tf.string)
+
+    def epoch_groups(epoch):
+        epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+        noise = tf.random.stateless_uniform(tf.shape(usable_t), epoch_seed)
+        perm = tf.gather(usable_t, tf.argsort(noise))
+        groups = tf.reshape(perm[:groups_per_epoch * p], [groups_per_epoch, p])
+        return tf.data.Dataset.from_tensor_slices(groups)
+
+    def sample_batch(step, classes):
+        """classes int64 [P] -> item indices [P*K], labels int32 [P*K], seeds int64 [P*K, 2]."""
+        batch_seed = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(base_seed, 1 << 30), step)
+        pick_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 2))
+        n = tf.gather(counts_t, classes)                     # [P]
+        first = tf.gather(starts_t, classes)                 # [P]
+        width = tf.reduce_max(n)
+        noise = tf.random.stateless_uniform(tf.stack([p, width]), pick_seed)  # [P, width], 0..1
+        valid = tf.range(width, dtype=tf.int64)[None, :] < n[:, None]
+        noise = tf.where(valid, noise, -1.0)
+        # top-k of masked noise: the first min(n, K) entries of a uniform random permutation.
+        _, perm = tf.math.top_k(noise, k=tf.cast(tf.minimum(width, k), tf.int32))
+        slot = tf.math.floormod(tf.range(k, dtype=tf.int64)[None, :], n[:, None])  # [P, K]
+        local = tf.gather(tf.cast(perm, tf.int64), slot, batch_dims=1)             # [P, K]
+        items_idx = tf.gather(order_t, first[:, None] + local)                      # [P, K]
+        batch_labels = tf.repeat(tf.cast(classes, tf.int32), k)
+        seeds = tf.random.stateless_uniform([p * k, 2], aug_seed, minval=None, maxval=None,
+                                            dtype=tf.int64)
+        return tf.reshape(items_idx, [-1]), batch_labels, seeds
+
+    def load(item, label, image_seed):
+        entry = table[item]
+        image = decode_image(entry) if items_are_bytes else load_image(entry)
+        if augment:
+            image = augment_lib.augment_image(image, image_size, image_seed,
+                                              crop_fraction=crop_fraction, flip=flip,
+                                              photometric=photometric)
+        else:
+            image = tf.clip_by_value(augment_lib.resize(image, image_size), 0.0, 255.0)
+        return preprocess(image), label
+
+    ds = tf.data.Dataset.counter().flat_map(epoch_groups).enumerate()
+    ds = ds.map(sample_batch).unbatch()
+    ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.batch(p * k, drop_remainder=True)
+    if prefetch:
+        ds = ds.prefetch(prefetch)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+def eval_dataset(paths, image_size, batch_size: int, num_parallel_calls=tf.data.AUTOTUNE):
+    """Ordered, un-augmented batches for validation and embedding.
+
+    Args:
+      paths: image paths (sequence of str) or an :class:`IdentityDataset`.
+      image_size: (H, W) pixels, or an int.
+      batch_size: images per batch; the last batch may be smaller.
+    Returns:
+      tf.data.Dataset of float32 [<=batch_size, H, W, 3], preprocessed, in the order of ``paths``.
+    """
+    if isinstance(paths, IdentityDataset):
+        paths = paths.paths
+    paths = [os.fspath(x) for x in paths]
+    if not paths:
+        raise EmptyDatasetError("eval_dataset: no paths")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+    ds = ds.map(lambda path: preprocess(load_and_resize(path, image_size)),
+                num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.batch(int(batch_size)).prefetch(tf.data.AUTOTUNE)
+
+
+def iterate_batches(dataset: tf.data.Dataset, num_batches: int) -> Sequence:
+    """The first ``num_batches`` (images, labels) of a dataset as NumPy arrays (tests, tools)."""
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(num_batches)]

@@ -1,0 +1,195 @@
+"""Evaluate a FaceNet model: LFW verification, hold-out VAL@FAR, identification and clustering.
+
+FaceNet Section 4 / 5: squared L2 distances between embeddings; LFW accuracy with the threshold
+chosen on nine folds and tested on the tenth (Section 5.6); VAL at FAR = 1e-3 on a hold-out set
+(Section 5.1); agglomerative clustering (Section 5.7).
+
+Examples:
+  python evaluate.py --export_dir runs/nn4/export --lfw_dir lfw_aligned --lfw_pairs pairs.txt \\
+      --flip --output_json lfw.json --output_dir plots/
+  python evaluate.py --model_dir runs/nn4 --data_dir holdout/ --pairs balanced --num_pairs 6000
+
+The model is a SavedModel (``--export_dir``) or the latest checkpoint of ``--model_dir``. Pairs
+with a missing or unreadable image are counted (``num_failed_pairs``) and excluded, or scored as
+wrong with ``--strict``. Identification and clustering run on the hold-out folder (``--data_dir``,
+or ``--val_dir``) unless ``--noidentification`` / ``--noclustering``.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, logging  # noqa: E402
+
+import flags as project_flags  # noqa: E402
+
+project_flags.define_evaluate_flags()
+FLAGS = project_flags.FLAGS
+
+
+def _embed(embedder, paths, what):
+    logging.info("embedding %d %s images", len(paths), what)
+    emb, failed = embedder.embed_paths(paths, batch_size=FLAGS.batch_size, flip=FLAGS.flip,
+                                       progress=True)
+    return emb, failed
+
+
+def evaluate_lfw(embedder, lfw_dir, pairs_file):
+    """LFW View 2 (10 folds) or View 1 (1 fold) verification. Returns (results, failed images)."""
+    from data.pairs import read_pairs
+    from evaluation.report import pair_distances, score_pairs
+
+    pairset = read_pairs(pairs_file, lfw_dir)
+    paths = pairset.unique_paths()
+    emb, failed = _embed(embedder, paths, "LFW")
+    row = {p: i for i, p in enumerate(paths)}
+    a = emb[[row[p] for p in pairset.paths_a]]
+    b = emb[[row[p] for p in pairset.paths_b]]
+    result = score_pairs(pair_distances(a, b), pairset.issame, pairset.folds,
+                         num_folds=pairset.num_folds, strict=FLAGS.strict)
+    result["protocol"] = "lfw"
+    result["num_missing_images"] = len(pairset.missing)
+    return result, failed
+
+
+def evaluate_holdout(embedder, root):
+    """Hold-out folder: verification over make_pairs, then identification and clustering."""
+    from data.dataset import scan_identity_folder
+    from evaluation.holdout_pairs import make_pairs
+    from evaluation.report import pair_distances, score_pairs
+
+    if any(c in root for c in "*?[") or root.endswith(".tfrecord"):
+        raise app.UsageError(f"--data_dir {root!r}: evaluate.py needs a folder-per-identity image "
+                             "tree, not TFRecords")
+    dataset = scan_identity_folder(root)
+    labels = np.asarray(dataset.labels)
+    emb, failed = _embed(embedder, dataset.paths, "hold-out")
+    idx_a, idx_b, issame, folds = make_pairs(labels, mode=FLAGS.pairs, num_pairs=FLAGS.num_pairs,
+                                             num_folds=FLAGS.num_folds, seed=FLAGS.seed)
+    verification = score_pairs(pair_distances(emb[idx_a], emb[idx_b]), issame, folds,
+                               num_folds=FLAGS.num_folds, strict=FLAGS.strict)
+    verification["protocol"] = "holdout"
+    verification["pairs_mode"] = FLAGS.pairs
+    verification["num_images"] = len(dataset)
+    verification["num_identities"] = dataset.num_classes
+    ok = np.all(np.isfinite(emb), axis=1)
+    extra = {}
+    if FLAGS.identification:
+        from evaluation.identification import evaluate_identification
+
+        try:
+            extra["identification"] = evaluate_identification(
+                emb[ok], labels[ok], impostor_fraction=FLAGS.impostor_fraction, seed=FLAGS.seed)
+        except ValueError as exc:
+            logging.warning("identification skipped: %s", exc)
+            extra["identification"] = {"error": str(exc)}
+    if FLAGS.clustering:
+        from evaluation.clustering import evaluate_clustering
+
+        threshold = verification["threshold"]
+        try:
+            extra["clustering"] = evaluate_clustering(
+                emb[ok], labels[ok], distance_threshold=threshold,
+                num_clusters=FLAGS.num_clusters, linkage=FLAGS.clustering_linkage, seed=FLAGS.seed)
+        except ValueError as exc:
+            logging.warning("clustering skipped: %s", exc)
+            extra["clustering"] = {"error": str(exc)}
+    return verification, extra, failed
+
+
+def _write_plots(result, output_dir):
+    from evaluation.plots import plot_distance_histogram, plot_roc
+    from evaluation.verification import roc_curve
+
+    d, s = result["_valid"]
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    if s.any() and (~s).any():
+        far, tar, _ = roc_curve(d, s)
+        written.append(plot_roc(far, tar, os.path.join(output_dir, "roc.png"),
+                                title=f"ROC ({result['protocol']})"))
+    else:
+        logging.warning("no ROC plot: the evaluated pairs hold only one class")
+    if d.size:
+        written.append(plot_distance_histogram(
+            d, s, result["threshold"], os.path.join(output_dir, "distance_histogram.png"),
+            title=f"Pair distances ({result['protocol']})"))
+    return written
+
+
+def run():
+    """Run the protocols selected by the flags; returns the JSON-ready results dict."""
+    from evaluation.embedder import load_embedder
+    from evaluation.report import summarize_failures
+
+    if not FLAGS.export_dir and not FLAGS.model_dir:
+        raise app.UsageError("give --export_dir (SavedModel) or --model_dir (checkpoint)")
+    holdout_dir = FLAGS.data_dir or FLAGS.val_dir
+    lfw = bool(FLAGS.lfw_dir or FLAGS.lfw_pairs)
+    if lfw and not (FLAGS.lfw_dir and FLAGS.lfw_pairs):
+        raise app.UsageError("--lfw_dir and --lfw_pairs go together")
+    if not lfw and not holdout_dir:
+        raise app.UsageError("nothing to evaluate: give --lfw_dir and --lfw_pairs, or --data_dir")
+    image_size = (project_flags.parse_image_size(FLAGS.image_size, None)
+                  if FLAGS.image_size else None)
+    embedder = load_embedder(FLAGS.export_dir, FLAGS.model_dir, image_size=image_size,
+                             batch_size=FLAGS.batch_size)
+    model = dict(embedder.metadata)
+    model["image_size"] = list(embedder.image_size)
+    results = {"model": model, "flip": bool(FLAGS.flip), "strict": bool(FLAGS.strict)}
+    failed_all = []
+    primary = None
+    if lfw:
+        primary, failed = evaluate_lfw(embedder, FLAGS.lfw_dir, FLAGS.lfw_pairs)
+        failed_all += failed
+    if holdout_dir:
+        verification, extra, failed = evaluate_holdout(embedder, holdout_dir)
+        failed_all += failed
+        if primary is None:
+            primary = verification
+        else:
+            results["holdout"] = verification
+        results.update(extra)
+    model["embedding_size"] = embedder.embedding_size
+    results["failed_images"] = summarize_failures(failed_all)
+    plots = []
+    if FLAGS.output_dir:
+        plots = _write_plots(primary, FLAGS.output_dir)
+    for r in (primary, results.get("holdout")):
+        if r is not None:
+            r.pop("_valid", None)
+    results = {**primary, **results}
+    results["plots"] = plots
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from evaluation.report import format_summary
+    from models.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
+    try:
+        results = run()
+    except (FileNotFoundError, ValueError) as exc:
+        # user-facing input problems (bad paths, empty dataset, malformed pairs file): the message,
+        # not a traceback; run with --verbosity=1 to see where it came from
+        logging.debug("evaluation failed", exc_info=True)
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 1
+    if FLAGS.output_json:
+        directory = os.path.dirname(os.path.abspath(FLAGS.output_json))
+        os.makedirs(directory, exist_ok=True)
+        with open(FLAGS.output_json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    print(format_summary(results))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

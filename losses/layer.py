@@ -1,0 +1,55 @@
+"""`TripletLossLayer`: puts the triplet loss inside a Keras training model (backbone -> layer).
+
+    embeddings = backbone(images)
+    embeddings = TripletLossLayer(margin=0.2)([embeddings, labels])
+    model = keras.Model([images, labels], embeddings); model.compile(optimizer); model.fit(...)
+
+The layer adds the loss with `add_loss`, tracks the mining statistics (`losses.STAT_KEYS`) as
+`keras.metrics.Mean` metrics so they appear in `fit` / `evaluate` logs, and returns the
+embeddings unchanged.
+"""
+import keras
+import tensorflow as tf
+
+from losses.triplet import STAT_KEYS, _check_args, triplet_loss_with_stats
+
+
+@keras.saving.register_keras_serializable(package="facenet")
+class TripletLossLayer(keras.layers.Layer):
+    """Adds the triplet loss of `[embeddings [B, D], labels [B]]`; returns embeddings [B, D]."""
+
+    def __init__(self, margin=0.2, distance="squared_l2", mining="semi_hard", soft=False,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_args(mining, soft, distance)
+        if callable(distance):
+            raise ValueError("TripletLossLayer needs a named distance to be serialisable.")
+        self.margin = float(margin)
+        self.distance = distance
+        self.mining = mining
+        self.soft = bool(soft)
+        self.seed = seed
+        self.stat_trackers = [keras.metrics.Mean(name=key) for key in STAT_KEYS]
+
+    def call(self, inputs):
+        embeddings, labels = inputs
+        loss, stats = triplet_loss_with_stats(
+            labels, embeddings, margin=self.margin, distance=self.distance, mining=self.mining,
+            soft=self.soft, seed=self.seed)
+        self.add_loss(loss)
+        for key, tracker in zip(STAT_KEYS, self.stat_trackers):
+            tracker.update_state(stats[key])
+        return embeddings
+
+    def compute_output_spec(self, inputs):
+        embeddings = inputs[0]
+        return keras.KerasTensor(embeddings.shape, dtype=embeddings.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, distance=self.distance, mining=self.mining,
+                      soft=self.soft, seed=self.seed)
+        return config

@@ -1,0 +1,179 @@
+"""FaceNet's triplet loss with online mining (Schroff et al. 2015, Section 3.1, Eq. 1-3).
+
+    L = sum over mined (a, p, n) of [ d(a, p) - d(a, n) + alpha ]_+ ,  alpha = 0.2,
+
+with d the squared L2 distance between unit embeddings, and the triplets mined inside the
+mini-batch (Section 3.2): all anchor-positive pairs, each with a semi-hard negative.
+
+Normalisation (the paper sums; we average so the scale does not depend on batch size):
+  * "semi_hard", "semi_hard_paper": mean over anchor-positive pairs whose anchor has a negative;
+  * "hard": mean over anchors with at least one positive and one negative;
+  * "all": mean over the triplets with a positive hinge (0 if there is none).
+A batch without any triplet (no positive pair, a single identity, one image) gives loss 0 with a
+zero gradient, never NaN.
+
+`soft=True` replaces the hinge by softplus(d_ap - d_an) (margin unused, as tfa's soft hard loss);
+it is not available with mining="all".
+"""
+import keras
+import tensorflow as tf
+
+from losses import masks
+from losses import mining as mining_lib
+from losses.distances import DISTANCES, pairwise_distances
+
+STAT_KEYS = ("active_fraction", "mean_d_ap", "mean_d_an", "num_pairs", "num_no_semi_hard")
+
+
+def _check_args(mining_name, soft, distance):
+    if mining_name not in mining_lib.STRATEGIES:
+        raise ValueError(f"Unknown mining {mining_name!r}; expected one of {mining_lib.STRATEGIES}.")
+    if soft and mining_name == "all":
+        raise ValueError("soft=True is not supported with mining='all' (batch-all averages the "
+                         "triplets with a positive hinge; softplus has no such set).")
+    if not callable(distance) and distance not in DISTANCES:
+        raise ValueError(f"Unknown distance {distance!r}; expected one of {DISTANCES}.")
+
+
+def _per_triplet_loss(d_ap, d_an, margin, soft):
+    if soft:
+        return tf.math.softplus(d_ap - d_an)
+    return tf.maximum(d_ap - d_an + margin, 0.0)
+
+
+def _masked_mean(values, mask):
+    """Mean of `values` where `mask` (bool, same shape); 0 when the mask is empty. float32 scalar."""
+    mask_f = tf.cast(mask, tf.float32)
+    total = tf.reduce_sum(tf.where(mask, values, tf.zeros_like(values)))
+    return tf.math.divide_no_nan(total, tf.reduce_sum(mask_f))
+
+
+def triplet_loss_with_stats(labels, embeddings, margin=0.2, distance="squared_l2",
+                            mining="semi_hard", soft=False, seed=None):
+    """Triplet loss of a batch and its mining statistics.
+
+    Args:
+      labels: int [B] (or [B, 1]) identities; float labels holding integers are accepted.
+      embeddings: float [B, D] (float16/bfloat16 are computed in float32).
+      margin: alpha, in units of `distance` (paper: 0.2 with squared L2 on the unit sphere).
+      distance: "squared_l2" | "l2" | "cosine" | callable [B, D] -> [B, B].
+      mining: "semi_hard" | "semi_hard_paper" | "hard" | "all" (see `losses.mining`).
+      soft: softplus instead of hinge (not with "all").
+      seed: int for reproducible "semi_hard_paper" draws; None draws fresh randomness.
+    Returns:
+      (loss, stats): float32 scalar and a dict of float32 scalars:
+        active_fraction: fraction of mined triplets with d_ap - d_an + margin > 0 (for "all": of
+          all valid triplets);
+        mean_d_ap, mean_d_an: mean distances over the mined triplets (for "all": over all valid
+          triplets);
+        num_pairs: number of anchor-positive pairs (same label, i != j);
+        num_no_semi_hard: anchor-positive pairs (whose anchor has a negative) without any negative
+          farther than the positive; for "semi_hard_paper", pairs whose window
+          d_ap < d_an < d_ap + margin was empty (they fall back to the semi-hard rule).
+    """
+    _check_args(mining, soft, distance)
+    labels = masks.flatten_labels(labels)
+    dist = pairwise_distances(embeddings, distance)
+    margin_t = tf.cast(margin, tf.float32)
+    pos = masks.positive_mask(labels)
+    neg = masks.negative_mask(labels)
+    num_pairs = tf.reduce_sum(tf.cast(pos, tf.float32))
+
+    if mining in ("semi_hard", "semi_hard_paper"):
+        if mining == "semi_hard":
+            mined = mining_lib.mine_semi_hard(dist, labels)
+        else:
+            mined = mining_lib.mine_semi_hard_paper(dist, labels, margin_t, seed)
+        d_an = tf.gather(dist, mined.negative_index, batch_dims=1)
+        per = _per_triplet_loss(dist, d_an, margin_t, soft)
+        valid = mined.valid
+        loss = _masked_mean(per, valid)
+        active = tf.logical_and(valid, dist - d_an + margin_t > 0.0)
+        stats = {
+            "active_fraction": _masked_mean(tf.cast(active, tf.float32), valid),
+            "mean_d_ap": _masked_mean(dist, valid),
+            "mean_d_an": _masked_mean(d_an, valid),
+            "num_no_semi_hard": tf.reduce_sum(
+                tf.cast(tf.logical_and(valid, tf.logical_not(mined.found)), tf.float32)),
+        }
+    elif mining == "hard":
+        mined = mining_lib.mine_hard(dist, labels)
+        d_ap = tf.gather(dist, mined.positive_index, batch_dims=1)
+        d_an = tf.gather(dist, mined.negative_index, batch_dims=1)
+        per = _per_triplet_loss(d_ap, d_an, margin_t, soft)
+        valid = mined.valid
+        loss = _masked_mean(per, valid)
+        active = tf.logical_and(valid, d_ap - d_an + margin_t > 0.0)
+        stats = {
+            "active_fraction": _masked_mean(tf.cast(active, tf.float32), valid),
+            "mean_d_ap": _masked_mean(d_ap, valid),
+            "mean_d_an": _masked_mean(d_an, valid),
+            "num_no_semi_hard": _count_no_semi_hard(dist, pos, neg),
+        }
+    else:  # "all"
+        mined = mining_lib.mine_all(dist, labels, margin_t)
+        active_total = tf.reduce_sum(mined.active_count)
+        loss = tf.math.divide_no_nan(tf.reduce_sum(mined.active_loss_sum), active_total)
+        # All valid triplets: every positive pair times every negative of its anchor.
+        valid_f = tf.cast(mined.valid, tf.float32)
+        per_pair_negatives = valid_f * mined.negative_count[:, None]
+        num_triplets = tf.reduce_sum(per_pair_negatives)
+        sum_d_ap = tf.reduce_sum(tf.where(mined.valid, dist, 0.0) * mined.negative_count[:, None])
+        sum_d_an = tf.reduce_sum(valid_f * mined.negative_sum[:, None])
+        stats = {
+            "active_fraction": tf.math.divide_no_nan(active_total, num_triplets),
+            "mean_d_ap": tf.math.divide_no_nan(sum_d_ap, num_triplets),
+            "mean_d_an": tf.math.divide_no_nan(sum_d_an, num_triplets),
+            "num_no_semi_hard": _count_no_semi_hard(dist, pos, neg),
+        }
+    stats["num_pairs"] = num_pairs
+    stats = {k: tf.stop_gradient(tf.cast(stats[k], tf.float32)) for k in STAT_KEYS}
+    return tf.cast(loss, tf.float32), stats
+
+
+def _count_no_semi_hard(dist, pos, neg):
+    """Anchor-positive pairs (anchor with >= 1 negative) with no negative farther than d_ap: O(B^2)."""
+    max_neg, has_neg = masks.masked_maximum(tf.stop_gradient(dist), neg)
+    none = tf.logical_and(tf.logical_and(pos, has_neg[:, None]),
+                          tf.stop_gradient(dist) >= max_neg[:, None])
+    return tf.reduce_sum(tf.cast(none, tf.float32))
+
+
+def triplet_loss(labels, embeddings, margin=0.2, distance="squared_l2", mining="semi_hard",
+                 soft=False, seed=None):
+    """Triplet loss of a batch, float32 scalar; see `triplet_loss_with_stats` for the arguments."""
+    loss, _ = triplet_loss_with_stats(labels, embeddings, margin=margin, distance=distance,
+                                      mining=mining, soft=soft, seed=seed)
+    return loss
+
+
+@keras.saving.register_keras_serializable(package="facenet")
+class TripletLoss(keras.losses.Loss):
+    """Keras loss: `loss(y_true=labels [B] int, y_pred=embeddings [B, D])` -> float32 scalar.
+
+    The triplet loss is a batch-level scalar; `call` returns it as a scalar, which Keras' reductions
+    leave unchanged, so the result equals `triplet_loss(...)` exactly. Sample weights scale it.
+    """
+
+    def __init__(self, margin=0.2, distance="squared_l2", mining="semi_hard", soft=False,
+                 seed=None, name="triplet_loss", reduction="sum_over_batch_size", dtype=None):
+        _check_args(mining, soft, distance)
+        if callable(distance):
+            raise ValueError("TripletLoss needs a named distance to be serialisable; use "
+                             "losses.TripletSemiHardLoss for a callable distance.")
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.margin = float(margin)
+        self.distance = distance
+        self.mining = mining
+        self.soft = bool(soft)
+        self.seed = seed
+
+    def call(self, y_true, y_pred):
+        return triplet_loss(y_true, y_pred, margin=self.margin, distance=self.distance,
+                            mining=self.mining, soft=self.soft, seed=self.seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, distance=self.distance, mining=self.mining,
+                      soft=self.soft, seed=self.seed)
+        return config

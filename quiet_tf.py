@@ -1,0 +1,34 @@
+"""Import TensorFlow without its start-up noise, for command-line entry points.
+
+TF 2.21 logs oneDNN/CPU-feature lines through absl before its log level is read, so
+``TF_CPP_MIN_LOG_LEVEL`` alone does not silence them. ``import_tensorflow()`` sets the usual
+variables and silences file descriptor 2 only while the shared libraries load; errors raised by the
+import itself still propagate, and stderr is restored before anything else runs.
+Set ``FACENET_VERBOSE_TF=1`` to see everything.
+"""
+import os
+import sys
+
+
+def import_tensorflow():
+    """Import and return ``tensorflow`` quietly (idempotent)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("FACENET_VERBOSE_TF"):
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tf

@@ -1,0 +1,239 @@
+"""End-to-end tests of train.py and export.py on a small synthetic set, in subprocesses.
+
+Each run uses the ``tiny`` model at 32x32 and batches of 4 identities x 4 images so that the whole
+file stays within about two minutes on two cores.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """A small folder-per-identity train set and hold-out set of synthetic faces (32 px)."""
+    from data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("faces")
+    info = generate_dataset(str(root), identities=24, images_per_identity=6, image_size=32,
+                            seed=7, heldout_identities=8, workers=1)
+    return info
+
+
+def _train(model_dir, faces, *extra, timeout=300, check=True):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model=tiny", "--image_size=32",
+           f"--data_dir={faces['train_dir']}", f"--val_dir={faces['test_dir']}",
+           f"--model_dir={model_dir}", "--identities_per_batch=4", "--images_per_identity=4",
+           "--steps_per_epoch=5", "--projector_images=40", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def _metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, faces):
+    """One 30-step run shared by the export and projector tests."""
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    _train(model_dir, faces, "--max_steps=30", "--optimizer=adam", "--learning_rate=0.01")
+    return model_dir
+
+
+def test_loss_decreases_and_outputs_exist(trained):
+    m = _metrics(trained)
+    assert m["step"] == 30
+    losses = [h["train_loss"] for h in m["history"]]
+    assert len(losses) == 6
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    for key in ("accuracy_mean", "auc", "threshold", "export_dir", "projector_config"):
+        assert m[key] is not None, key
+    assert 0.0 <= m["accuracy_mean"] <= 1.0
+    assert os.path.isdir(os.path.join(trained, "export"))
+    assert os.listdir(os.path.join(trained, "logs", "train"))  # TensorBoard events
+
+
+def test_tensorboard_scalars_written(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(trained, "logs", "train"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    for tag in ("train/loss", "train/active_fraction", "train/mean_d_ap", "train/mean_d_an",
+                "train/learning_rate", "train/images_per_second", "val/accuracy",
+                "val/embedding_norm"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def test_resume_keeps_step_and_is_exact(tmp_path, faces):
+    """10 steps + resume to 20 ends with the same weights as 20 steps straight."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    common = ("--optimizer=adagrad", "--export=false", "--augment=false")
+    _train(straight, faces, "--max_steps=20", *common)
+    _train(split, faces, "--max_steps=10", *common)
+    assert _metrics(split)["step"] == 10
+    _train(split, faces, "--max_steps=20", *common)
+    m = _metrics(split)
+    assert m["step"] == 20 and m["resumed_from"].endswith("ckpt-10")
+
+    import tensorflow as tf
+
+    a = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(straight, "checkpoints")))
+    b = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(split, "checkpoints")))
+    names = [n for n, _ in tf.train.list_variables(
+        tf.train.latest_checkpoint(os.path.join(straight, "checkpoints")))]
+    opt_names = [n for n in names if n.startswith("optimizer/") and "iteration" not in n]
+    assert opt_names, names  # the optimiser's accumulators are checkpointed
+    for n in names:
+        if n.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+            continue
+        np.testing.assert_allclose(a.get_tensor(n), b.get_tensor(n), rtol=1e-4, atol=1e-5,
+                                   err_msg=n)
+
+
+def test_kill_minus_9_then_resume(tmp_path, faces):
+    model_dir = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model=tiny", "--image_size=32",
+           f"--data_dir={faces['train_dir']}", f"--val_dir={faces['test_dir']}",
+           f"--model_dir={model_dir}", "--identities_per_batch=4", "--images_per_identity=4",
+           "--steps_per_epoch=2", "--max_steps=100000", "--export=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt_state = os.path.join(model_dir, "checkpoints", "checkpoint")
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and not os.path.exists(ckpt_state):
+            time.sleep(0.2)
+        assert os.path.exists(ckpt_state), "no checkpoint was written"
+        time.sleep(1.5)  # land somewhere inside a later step or save
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    step = int(latest.rsplit("-", 1)[1])
+    _train(model_dir, faces, f"--max_steps={step + 2}", "--export=false")
+    m = _metrics(model_dir)
+    assert m["resumed_from"] == latest
+    assert m["step"] == step + 2
+
+
+def test_export_round_trip_without_project_imports(trained, tmp_path):
+    import cv2
+
+    from export import read_export_metadata, restore_backbone
+    from data.preprocess import preprocess
+
+    export_dir = os.path.join(trained, "export")
+    meta = read_export_metadata(export_dir)
+    assert meta["model"] == "tiny" and meta["image_size"] == [32, 32]
+    assert meta["threshold"] is not None and np.isfinite(meta["threshold"])
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(5, 32, 32, 3)).astype(np.float32)
+    images = np.round(images)  # exact in PNG
+    np.save(tmp_path / "images.npy", images)
+    for i, img in enumerate(images.astype(np.uint8)):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    backbone, _, _ = restore_backbone(trained)
+    expected = backbone(preprocess(images), training=False).numpy()
+
+    script = f"""
+import json, sys, numpy as np, tensorflow as tf
+m = tf.saved_model.load({export_dir!r})
+x = np.load({str(tmp_path / 'images.npy')!r})
+a = m.signatures["serving_default"](images=tf.constant(x))["embeddings"].numpy()
+blobs = [open({str(tmp_path)!r} + f"/{{i}}.png", "rb").read() for i in range(len(x))]
+b = m.signatures["embed_jpeg"](images=tf.constant(blobs))["embeddings"].numpy()
+project = [k for k in sys.modules if k.split(".")[0] in ("models", "losses", "data", "training", "export", "evaluation", "flags")]
+np.save({str(tmp_path / 'a.npy')!r}, a); np.save({str(tmp_path / 'b.npy')!r}, b)
+print(json.dumps({{"project_modules": project, "threshold": float(m.threshold.numpy()),
+                  "image_size": m.image_size.numpy().tolist()}}))
+"""
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-I", "-c", script], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["project_modules"] == []
+    assert info["image_size"] == [32, 32]
+    assert info["threshold"] == pytest.approx(meta["threshold"], rel=1e-6)
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert np.max(np.abs(a - expected)) <= 1e-5
+    assert np.max(np.abs(b - expected)) <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_export_cli_from_checkpoint(trained, tmp_path):
+    out_dir = str(tmp_path / "exported")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "export.py"), f"--model_dir={trained}",
+                           f"--export_dir={out_dir}"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["export_dir"] == os.path.abspath(out_dir)
+    assert info["threshold"] == pytest.approx(_metrics(trained)["threshold"])
+    assert os.path.exists(os.path.join(out_dir, "saved_model.pb"))
+
+
+def test_projector_files_valid(trained):
+    import cv2
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector import ProjectorConfig
+
+    log_dir = os.path.join(trained, "logs")
+    with open(os.path.join(log_dir, "projector_config.pbtxt"), encoding="utf-8") as f:
+        config = text_format.Parse(f.read(), ProjectorConfig())
+    (emb,) = config.embeddings
+    vectors = np.loadtxt(os.path.join(log_dir, emb.tensor_path), delimiter="\t", ndmin=2)
+    with open(os.path.join(log_dir, emb.metadata_path), encoding="utf-8") as f:
+        rows = f.read().splitlines()
+    assert vectors.shape == (40, 128)
+    assert len(rows) == 41 and rows[0] == "index\tidentity"
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    sprite = cv2.imread(os.path.join(log_dir, emb.sprite.image_path))
+    w, h = emb.sprite.single_image_dim
+    assert sprite.shape[0] == 7 * h and sprite.shape[1] == 7 * w  # ceil(sqrt(40)) = 7
+    assert sprite.std() > 0
+
+
+def test_projector_only_rewrites(trained, faces):
+    path = os.path.join(trained, "logs", "projector_config.pbtxt")
+    os.remove(path)
+    proc = _train(trained, faces, "--projector_only")
+    assert os.path.exists(path)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["projector_config"] == path
+    assert _metrics(trained)["step"] == 30  # nothing was trained
+
+
+def test_mirrored_strategy_on_two_cpu_devices(tmp_path, faces):
+    model_dir = str(tmp_path / "mirrored")
+    proc = _train(model_dir, faces, "--max_steps=4", "--steps_per_epoch=2", "--export=false",
+                  "--distribution_strategy=mirrored", "--num_cpu_devices=2", check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    m = _metrics(model_dir)
+    assert m["step"] == 4
+    assert all(np.isfinite(h["train_loss"]) for h in m["history"])

@@ -1,0 +1,332 @@
+"""Train a FaceNet embedding with triplet loss and in-graph online mining.
+
+    python train.py                      # built-in synthetic faces, CPU-sized defaults, ~10 minutes
+    python train.py --model nn4 --data_dir ALIGNED --val_dir HOLDOUT --model_dir runs/nn4
+    python train.py --model_dir runs/nn4 # rerun: resumes from the last checkpoint
+
+Every batch is P identities x K images (--identities_per_batch, --images_per_identity) so that
+triplets can be mined inside it (FaceNet Section 3.2). A run writes into --model_dir:
+``config.json`` (the network), ``checkpoints/`` (tf.train.CheckpointManager; step and optimiser
+state), ``logs/`` (TensorBoard scalars and the embedding projector), ``metrics.json`` (the last
+validation, with the chosen threshold) and ``export/`` (a SavedModel, see export.py).
+"""
+import glob as globlib
+import json
+import os
+import sys
+import time
+
+from absl import app, logging
+
+import flags
+from quiet_tf import import_tensorflow
+
+FLAGS = flags.FLAGS
+flags.define_train_flags()
+
+SYNTHETIC_SEED = 2015  # the built-in data set is the same for every run
+EXIT_NAN = 3
+
+
+def _default_cache_dir():
+    return FLAGS.cache_dir or os.environ.get("FACENET_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "facenet")
+
+
+def _is_tfrecord_source(path):
+    return any(ch in path for ch in "*?[") or path.endswith(".tfrecord") or path.endswith(".tfrecords")
+
+
+def _resolve_data(image_size):
+    """Returns (train_source, val_set or None, description dict)."""
+    from data.dataset import scan_identity_folder, split_identities
+    from training import validation
+
+    min_images = 1 if FLAGS.small_identities == "replace" else FLAGS.images_per_identity
+    val_set = None
+    if FLAGS.lfw_dir and FLAGS.lfw_pairs:
+        val_set = validation.from_lfw_pairs(FLAGS.lfw_pairs, FLAGS.lfw_dir)
+    elif FLAGS.val_dir:
+        val_set = validation.from_identity_dataset(scan_identity_folder(FLAGS.val_dir),
+                                                   seed=FLAGS.seed)
+
+    if not FLAGS.data_dir:
+        from data.synthetic import ensure_synthetic_dataset
+
+        size = max(image_size)
+        info = ensure_synthetic_dataset(
+            os.path.join(_default_cache_dir(), "synthetic"),
+            identities=FLAGS.synthetic_identities,
+            images_per_identity=FLAGS.synthetic_images_per_identity,
+            image_size=size, seed=SYNTHETIC_SEED)
+        train = scan_identity_folder(info["train_dir"], min_images_per_identity=min_images)
+        if val_set is None:
+            val_set = validation.from_lfw_pairs(info["pairs_file"], info["test_dir"])
+        desc = {"data": "synthetic", "train_dir": info["train_dir"], "test_dir": info["test_dir"],
+                "pixel_baseline_accuracy": info.get("pixel_baseline_accuracy")}
+        return train, val_set, desc
+
+    if _is_tfrecord_source(FLAGS.data_dir):
+        files = sorted(globlib.glob(FLAGS.data_dir)) or [FLAGS.data_dir]
+        if val_set is None:
+            logging.warning("TFRecord input without --val_dir or --lfw_dir/--lfw_pairs: no validation")
+        return files, val_set, {"data": "tfrecord", "files": len(files)}
+
+    from data.pipeline import validate_files
+
+    dataset = scan_identity_folder(FLAGS.data_dir, min_images_per_identity=min_images)
+    dataset, skipped = validate_files(dataset)
+    if skipped:
+        logging.warning("skipped %d unreadable training images (first: %s)", len(skipped), skipped[0])
+    if val_set is None:
+        dataset, held_out = split_identities(dataset, FLAGS.val_fraction, FLAGS.seed)
+        val_set = validation.from_identity_dataset(held_out, seed=FLAGS.seed)
+    return dataset, val_set, {"data": FLAGS.data_dir, "identities": dataset.num_classes,
+                              "images": len(dataset), "skipped": len(skipped)}
+
+
+def _configure_devices(tf):
+    """Split the CPU into --num_cpu_devices logical devices (must run before TF initialises)."""
+    n = FLAGS.num_cpu_devices
+    if n > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+
+
+def _strategy(tf):
+    name = FLAGS.distribution_strategy
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _total_steps():
+    if FLAGS.max_steps is not None:
+        return int(FLAGS.max_steps)
+    if FLAGS.epochs is not None:
+        return int(FLAGS.epochs) * FLAGS.steps_per_epoch
+    return 20 * FLAGS.steps_per_epoch
+
+
+class Trainer:
+    """Owns the model, optimiser, checkpoints and logs of one run."""
+
+    def __init__(self, tf, config, strategy, total_steps):
+        import keras
+
+        from losses import TripletLossLayer
+        from training.optim import make_optimizer
+        from training.run_config import checkpoint_dir
+
+        self.tf = tf
+        self.config = config
+        self.strategy = strategy
+        self.total_steps = total_steps
+        h, w = config.image_size
+        with strategy.scope():
+            self.backbone = config.build_model()
+            images = keras.Input((h, w, 3), name="images")
+            labels = keras.Input((), dtype="int32", name="labels")
+            emb = self.backbone(images)
+            out = TripletLossLayer(margin=FLAGS.margin, distance=FLAGS.distance,
+                                   mining=FLAGS.mining, name="triplet_loss")([emb, labels])
+            self.train_model = keras.Model({"images": images, "labels": labels}, out,
+                                           name="facenet_train")
+            optimizer = make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, total_steps,
+                                       FLAGS.lr_schedule, FLAGS.momentum, FLAGS.weight_decay)
+            self.train_model.compile(optimizer=optimizer)
+            self.optimizer = self.train_model.optimizer
+            self.optimizer.build(self.train_model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=self.backbone, optimizer=self.optimizer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir(FLAGS.model_dir),
+                                                  max_to_keep=FLAGS.keep_checkpoints)
+
+    @property
+    def step(self):
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self):
+        path = self.manager.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+            logging.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self):
+        return self.manager.save(checkpoint_number=self.step)
+
+
+def _batches(source, image_size, epoch):
+    from data.pipeline import balanced_dataset
+
+    ds = balanced_dataset(source, FLAGS.identities_per_batch, FLAGS.images_per_identity, image_size,
+                          augment=FLAGS.augment, seed=FLAGS.seed * 1_000_003 + epoch,
+                          small_identities=FLAGS.small_identities)
+    return ds.map(lambda x, y: ({"images": x, "labels": y},))
+
+
+def _validate(trainer, val_set, writer):
+    """Embed the validation images, score pairs, log to TensorBoard; returns the metrics dict."""
+    import numpy as np
+
+    from training import validation
+
+    tf = trainer.tf
+    t0 = time.perf_counter()
+    emb = validation.embed_paths(trainer.backbone, val_set.paths, trainer.config.image_size)
+    metrics = validation.score(emb, val_set)
+    val = metrics.get("val_at_far", {})
+    v3 = val.get("0.001", val.get(0.001))
+    if isinstance(v3, dict):
+        v3 = v3.get("val")
+    out = {"step": trainer.step, "accuracy_mean": float(metrics["accuracy_mean"]),
+           "accuracy_std": float(metrics["accuracy_std"]),
+           "val_at_far_1e-3": None if v3 is None else float(v3),
+           "auc": float(metrics["auc"]), "threshold": float(metrics["threshold"]),
+           "num_pairs": int(val_set.num_pairs), "num_failed_pairs": int(val_set.num_failed_pairs),
+           "embedding_norm_mean": float(np.mean(np.linalg.norm(emb, axis=1))),
+           "seconds": time.perf_counter() - t0}
+    with writer.as_default(step=trainer.step):
+        tf.summary.scalar("val/accuracy", out["accuracy_mean"])
+        if out["val_at_far_1e-3"] is not None:
+            tf.summary.scalar("val/val_at_far_1e-3", out["val_at_far_1e-3"])
+        tf.summary.scalar("val/auc", out["auc"])
+        tf.summary.scalar("val/threshold", out["threshold"])
+        tf.summary.scalar("val/embedding_norm", out["embedding_norm_mean"])
+    writer.flush()
+    return out, emb
+
+
+def _write_projector(trainer, val_set, log_dir, emb=None):
+    from training import projector, validation
+
+    n = min(FLAGS.projector_images, len(val_set.paths))
+    if n == 0:
+        return None
+    paths, names = val_set.paths[:n], val_set.names[:n]
+    if emb is None:
+        emb = validation.embed_paths(trainer.backbone, paths, trainer.config.image_size)
+    return projector.write_projector(log_dir, emb[:n], names, projector.load_thumbnails(paths))
+
+
+def _export(trainer, threshold, desc):
+    from data.preprocess import PREPROCESS_NAME
+    from export import export_saved_model
+
+    meta = {"model": trainer.config.model, "embedding_size": trainer.config.embedding_size,
+            "normalization": trainer.config.normalization, "preprocessing": PREPROCESS_NAME,
+            "step": trainer.step, "data": desc.get("data")}
+    return export_saved_model(trainer.backbone, os.path.join(FLAGS.model_dir, "export"),
+                              trainer.config.image_size, meta, threshold)
+
+
+def main(argv):
+    del argv
+    t_start = time.monotonic()
+    tf = import_tensorflow()
+    _configure_devices(tf)
+    import keras
+
+    import models
+    from training.run_config import (RunConfig, check_compatible, config_path, load_run_config,
+                                     save_run_config)
+
+    if FLAGS.model not in models.MODEL_NAMES:
+        sys.exit(f"unknown --model {FLAGS.model!r}; choose from {models.MODEL_NAMES}")
+    image_size = flags.parse_image_size(FLAGS.image_size, models.default_image_size(FLAGS.model))
+    config = RunConfig(FLAGS.model, image_size, FLAGS.embedding_size, FLAGS.normalization)
+    if not FLAGS.model_dir:
+        FLAGS.model_dir = os.path.join("runs", FLAGS.model)
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    if os.path.exists(config_path(FLAGS.model_dir)):
+        check_compatible(load_run_config(FLAGS.model_dir), config)
+    save_run_config(FLAGS.model_dir, config)
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    train_source, val_set, desc = _resolve_data(image_size)
+    total_steps = _total_steps()
+    strategy = _strategy(tf)
+    trainer = Trainer(tf, config, strategy, total_steps)
+    resumed = trainer.restore()
+    log_dir = os.path.join(FLAGS.model_dir, "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+
+    if FLAGS.projector_only:
+        if not resumed:
+            sys.exit(f"--projector_only: no checkpoint in {FLAGS.model_dir}")
+        print(json.dumps({"projector_config": _write_projector(trainer, val_set, log_dir)}))
+        return
+
+    from training.callbacks import StepLogger, StopOnNaN, TimeLimit
+
+    batch = FLAGS.identities_per_batch * FLAGS.images_per_identity
+    step_fn = lambda: trainer.step  # noqa: E731
+    logger = StepLogger(writer, step_fn, batch, every=max(1, min(50, FLAGS.steps_per_epoch // 4)))
+    nan_stop = StopOnNaN(step_fn)
+    deadline = None if FLAGS.max_minutes is None else t_start + 60.0 * FLAGS.max_minutes
+    time_limit = TimeLimit(deadline)
+    logging.info("training %s at %s on %s; %d steps of %d images (P=%d, K=%d), model_dir=%s",
+                 config.model, image_size, desc.get("data"), total_steps, batch,
+                 FLAGS.identities_per_batch, FLAGS.images_per_identity, FLAGS.model_dir)
+
+    history = []
+    last = None
+    train_seconds = 0.0
+    while trainer.step < total_steps and not time_limit.hit:
+        epoch = trainer.step // FLAGS.steps_per_epoch
+        steps = min(FLAGS.steps_per_epoch - trainer.step % FLAGS.steps_per_epoch,
+                    total_steps - trainer.step)
+        t0 = time.perf_counter()
+        fit = trainer.train_model.fit(_batches(train_source, image_size, epoch), epochs=1,
+                                      steps_per_epoch=steps,
+                                      verbose=1 if sys.stdout.isatty() else 2,
+                                      callbacks=[nan_stop, time_limit, logger])
+        train_seconds += time.perf_counter() - t0
+        if nan_stop.nan_step is not None:
+            good = trainer.manager.latest_checkpoint
+            sys.stderr.write(f"train.py: loss became NaN/inf at step {nan_stop.nan_step}; stopping. "
+                             f"Last good checkpoint: {good}. Try a lower --learning_rate.\n")
+            sys.exit(EXIT_NAN)
+        trainer.save()
+        epoch_record = {"step": trainer.step,
+                        **{f"train_{k}": float(v[-1]) for k, v in fit.history.items() if v}}
+        if val_set is not None:
+            last, _ = _validate(trainer, val_set, writer)
+            epoch_record.update(last)
+        history.append(epoch_record)
+        if val_set is not None:
+            print(f"step {last['step']}: val accuracy {last['accuracy_mean']:.4f} "
+                  f"± {last['accuracy_std']:.4f}, VAL@FAR=1e-3 {last['val_at_far_1e-3']}, "
+                  f"AUC {last['auc']:.4f}", flush=True)
+
+    if last is None and val_set is not None:
+        last, _ = _validate(trainer, val_set, writer)
+    threshold = last["threshold"] if last else None
+    summary = {"model": config.model, "image_size": list(image_size), "step": trainer.step,
+               "train_seconds": round(train_seconds, 1),
+               "stopped_by_time_limit": time_limit.hit, "resumed_from": resumed, **desc}
+    if last:
+        summary.update({k: last[k] for k in ("accuracy_mean", "accuracy_std", "val_at_far_1e-3",
+                                             "auc", "threshold", "num_pairs", "num_failed_pairs")})
+    if val_set is not None:
+        summary["projector_config"] = _write_projector(trainer, val_set, log_dir)
+    if FLAGS.export:
+        summary["export_dir"] = _export(trainer, threshold, desc)
+    summary.update({"model_dir": FLAGS.model_dir, "log_dir": log_dir,
+                    "checkpoint": trainer.manager.latest_checkpoint,
+                    "total_seconds": round(time.monotonic() - t_start, 1)})
+    with open(os.path.join(FLAGS.model_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump({**summary, "history": history}, f, indent=2)
+    writer.close()
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,79 @@
+"""Keras callbacks for train.py: per-step TensorBoard scalars, NaN stop, and a wall-clock limit."""
+import math
+import time
+
+import keras
+import tensorflow as tf
+
+from training.optim import current_learning_rate
+
+# Scalars the triplet-loss layer reports, logged as they arrive in Keras' logs.
+STEP_SCALARS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_pairs",
+                "num_no_semi_hard")
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Every ``every`` steps, write loss, mining statistics, learning rate and images/s.
+
+    ``step_fn`` returns the global step (the optimiser's iteration count).
+    """
+
+    def __init__(self, writer, step_fn, images_per_step, every=10):
+        super().__init__()
+        self.writer = writer
+        self.step_fn = step_fn
+        self.images_per_step = images_per_step
+        self.every = max(1, int(every))
+        self._t = None
+        self._n = 0
+        self.last_images_per_second = float("nan")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._t is None:
+            self._t = time.perf_counter()
+            self._n = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._n += 1
+        step = self.step_fn()
+        if step % self.every:
+            return
+        now = time.perf_counter()
+        self.last_images_per_second = self._n * self.images_per_step / max(now - self._t, 1e-9)
+        self._t, self._n = now, 0
+        logs = logs or {}
+        with self.writer.as_default(step=step):
+            for key in STEP_SCALARS:
+                if key in logs:
+                    tf.summary.scalar(f"train/{key}", float(logs[key]))
+            tf.summary.scalar("train/learning_rate", current_learning_rate(self.model.optimizer))
+            tf.summary.scalar("train/images_per_second", self.last_images_per_second)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop training at the first non-finite loss and remember the step for the error message."""
+
+    def __init__(self, step_fn):
+        super().__init__()
+        self.step_fn = step_fn
+        self.nan_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.nan_step = self.step_fn()
+            self.model.stop_training = True
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training once ``deadline`` (time.monotonic()) has passed; checked after every step."""
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+        self.hit = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.hit = True
+            self.model.stop_training = True

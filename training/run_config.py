@@ -1,0 +1,77 @@
+"""The run's identity, stored as ``model_dir/config.json``.
+
+evaluate.py and export.py rebuild the backbone from this file; a resumed run checks that its flags
+still describe the same network.
+"""
+import dataclasses
+import json
+import os
+
+CONFIG_NAME = "config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str
+    image_size: tuple  # (H, W) pixels
+    embedding_size: int
+    normalization: str
+
+    def to_json(self):
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_json(cls, d):
+        return cls(model=d["model"], image_size=tuple(int(v) for v in d["image_size"]),
+                   embedding_size=int(d["embedding_size"]),
+                   normalization=d.get("normalization", "batch"))
+
+    def build_model(self):
+        """The backbone: preprocessed RGB [N, H, W, 3] -> unit embeddings [N, D]."""
+        import models
+
+        return models.build_model(self.model, embedding_size=self.embedding_size,
+                                  image_size=self.image_size, normalization=self.normalization)
+
+
+def config_path(model_dir):
+    return os.path.join(model_dir, CONFIG_NAME)
+
+
+def checkpoint_dir(model_dir):
+    return os.path.join(model_dir, CHECKPOINT_SUBDIR)
+
+
+def load_run_config(model_dir):
+    """The RunConfig stored in model_dir; FileNotFoundError with a clear message when absent."""
+    path = config_path(model_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {model_dir!r} a train.py model_dir?")
+    with open(path, encoding="utf-8") as f:
+        return RunConfig.from_json(json.load(f))
+
+
+def save_run_config(model_dir, config, extra=None):
+    """Write config.json atomically (temp file + rename), with optional extra keys."""
+    os.makedirs(model_dir, exist_ok=True)
+    d = config.to_json()
+    if extra:
+        d.update(extra)
+    path = config_path(model_dir)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def check_compatible(stored, requested):
+    """Raise ValueError when a resumed run's flags describe another network."""
+    diffs = [f"{k}: checkpoint has {getattr(stored, k)!r}, flags ask for {getattr(requested, k)!r}"
+             for k in ("model", "image_size", "embedding_size", "normalization")
+             if getattr(stored, k) != getattr(requested, k)]
+    if diffs:
+        raise ValueError("model_dir holds a different network; use a new --model_dir or matching "
+                         "flags.\n  " + "\n  ".join(diffs))
