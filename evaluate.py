@@ -71,6 +71,10 @@ def evaluate_holdout(embedder, root):
                                              num_folds=FLAGS.num_folds, seed=FLAGS.seed)
     verification = score_pairs(pair_distances(emb[idx_a], emb[idx_b]), issame, folds,
                                num_folds=FLAGS.num_folds, strict=FLAGS.strict)
+    if FLAGS.pairs == "all":
+        logging.info("--pairs=all: %d same vs %d different pairs; accuracy and its threshold "
+                     "favour the majority class, VAL@FAR and AUC do not",
+                     int(issame.sum()), int((~issame).sum()))
     verification["protocol"] = "holdout"
     verification["pairs_mode"] = FLAGS.pairs
     verification["num_images"] = len(dataset)
@@ -89,7 +93,8 @@ def evaluate_holdout(embedder, root):
     if FLAGS.clustering:
         from evaluation.clustering import evaluate_clustering
 
-        threshold = verification["threshold"]
+        threshold = (FLAGS.clustering_threshold if FLAGS.clustering_threshold is not None
+                     else verification["threshold"])
         try:
             extra["clustering"] = evaluate_clustering(
                 emb[ok], labels[ok], distance_threshold=threshold,
@@ -100,7 +105,8 @@ def evaluate_holdout(embedder, root):
     return verification, extra, failed
 
 
-def _write_plots(result, output_dir):
+def _write_plots(result, output_dir, prefix=""):
+    """roc.png and distance_histogram.png (file names prefixed with ``prefix``)."""
     from evaluation.plots import plot_distance_histogram, plot_roc
     from evaluation.verification import roc_curve
 
@@ -109,13 +115,13 @@ def _write_plots(result, output_dir):
     written = []
     if s.any() and (~s).any():
         far, tar, _ = roc_curve(d, s)
-        written.append(plot_roc(far, tar, os.path.join(output_dir, "roc.png"),
+        written.append(plot_roc(far, tar, os.path.join(output_dir, prefix + "roc.png"),
                                 title=f"ROC ({result['protocol']})"))
     else:
         logging.warning("no ROC plot: the evaluated pairs hold only one class")
     if d.size:
         written.append(plot_distance_histogram(
-            d, s, result["threshold"], os.path.join(output_dir, "distance_histogram.png"),
+            d, s, result["threshold"], os.path.join(output_dir, prefix + "distance_histogram.png"),
             title=f"Pair distances ({result['protocol']})"))
     return written
 
@@ -154,10 +160,12 @@ def run():
             results["holdout"] = verification
         results.update(extra)
     model["embedding_size"] = embedder.embedding_size
-    results["failed_images"] = summarize_failures(failed_all)
+    results["failed_images"] = summarize_failures(list(dict(failed_all).items()))  # unique paths
     plots = []
     if FLAGS.output_dir:
         plots = _write_plots(primary, FLAGS.output_dir)
+        if "holdout" in results:
+            plots += _write_plots(results["holdout"], FLAGS.output_dir, prefix="holdout_")
     for r in (primary, results.get("holdout")):
         if r is not None:
             r.pop("_valid", None)
@@ -170,9 +178,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from evaluation.report import format_summary
-    from models.quiet import import_tensorflow_quietly
+    from quiet_tf import import_tensorflow
 
-    import_tensorflow_quietly()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
+    import_tensorflow()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
     try:
         results = run()
     except (FileNotFoundError, ValueError) as exc:

@@ -128,6 +128,9 @@ def define_evaluate_flags():
     flags.DEFINE_enum("clustering_linkage", "average", ("average", "complete"),
                       "Agglomerative linkage on squared L2 distances, cut at the verification "
                       "threshold.")
+    flags.DEFINE_float("clustering_threshold", None,
+                       "Agglomerative cut, squared L2; default: the hold-out verification threshold "
+                       "(accuracy-optimal on the hold-out pairs, so small with --pairs=all).")
     flags.DEFINE_float("impostor_fraction", 0.2,
                        "Identification: fraction of identities held out as open-set impostors.")
     flags.DEFINE_string("output_json", None, "Write the metrics here as JSON.")

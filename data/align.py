@@ -20,7 +20,8 @@ it by box + margin (davidsandberg/facenet's convention) or by a 5-point similari
   written to a temporary name and renamed, so a killed run never leaves a partial PNG. Images that
   failed are retried on the next run (failures are cheap and deterministic).
 * ``--detect_only FILE.json`` writes every face (box, score, landmarks, in source pixels) of every
-  image and no crops.
+  image and no crops; its JSON line has ``aligned`` 0 plus ``with_face`` (images with >= 1 face)
+  and ``faces`` (total).
 * ``--workers N`` processes (spawned; each builds its own MTCNN once).
 
 Huge JPEGs are decoded reduced (:func:`data.image_io.read_image_downscaled`, longest side
@@ -113,7 +114,8 @@ def list_jobs(input_dir, output_dir):
     Returns:
         (jobs, ignored): list of :class:`AlignJob` (src, dst, rel = src relative to input_dir);
         ``ignored`` = relative paths of files skipped for their extension. Hidden files and
-        folders, and ``output_dir`` when it lies inside ``input_dir``, are not scanned. Two
+        folders, and ``output_dir`` when it lies inside ``input_dir``, are not scanned;
+        symlinked folders are followed (each real folder once). Two
         inputs with the same stem in one folder (a.jpg, a.png) get distinct outputs
         (a.png, a_png.png).
     """
@@ -122,9 +124,17 @@ def list_jobs(input_dir, output_dir):
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"input_dir {input_dir} is not a directory")
     jobs, ignored, taken = [], [], set()
-    for root, dirs, files in os.walk(input_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and os.path.abspath(os.path.join(root, d)) != output_dir)
+    seen = {os.path.realpath(input_dir)}
+    for root, dirs, files in os.walk(input_dir, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            full = os.path.join(root, d)
+            real = os.path.realpath(full)
+            if d.startswith(".") or os.path.abspath(full) == output_dir or real in seen:
+                continue  # hidden, the output itself, or a symlink loop / second link
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
         for name in sorted(files):
             if name.startswith("."):
                 continue
@@ -243,9 +253,15 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
     jobs, ignored = list_jobs(input_dir, output_dir or os.path.join(input_dir, ".none"))
     counts = collections.Counter()
     counts["ignored_files"] = len(ignored)
+    if not jobs:
+        from absl import logging
+
+        logging.warning("no image files (%s) under %s; %d other files ignored",
+                        " ".join(ALIGN_EXTENSIONS), input_dir, len(ignored))
     todo = jobs
-    if not detect_only:
+    if output_dir:
         os.makedirs(output_dir, exist_ok=True)
+    if not detect_only:
         _remove_stale_partials(output_dir)
         todo = [j for j in jobs if not os.path.exists(j.dst)]
         counts["skipped_existing"] = len(jobs) - len(todo)
@@ -314,7 +330,8 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
               "ignored_files": counts["ignored_files"],
               "unreadable_by_reason": dict(sorted(by_reason.items())),
               "seconds": round(time.time() - start, 2)}
-    if detect_only:
+    if detect_only:  # nothing was cropped: report images with a face and faces found instead
+        result["with_face"], result["aligned"] = result["aligned"], 0
         result["faces"] = int(sum(len(r["faces"]) for r in records.values()))
         payload = {"input_dir": os.path.abspath(input_dir),
                    "detector": {"min_face_size": min_face_size or detect.DEFAULT_MIN_FACE_SIZE,

@@ -31,9 +31,17 @@ DEFAULT_DETECT_MAX_SIDE = 2048
 #: Images whose shorter side is below this are upscaled to it before detection: a face filling a
 #: tiny frame (a 112-px aligned crop, a 92x112 ORL image) is otherwise near PNet's minimum size.
 DEFAULT_DETECT_MIN_SIDE = 160
-#: Pixels added around the image (as a fraction of its shorter side, edge-replicated) before a
-#: second detection attempt when the first finds nothing: MTCNN misses faces that touch the frame.
-RETRY_PAD_FRACTION = 0.25
+#: When nothing is found, detection is retried on padded copies, in this order, until a face
+#: appears: (border kind, border width as a fraction of the shorter side). MTCNN misses faces
+#: that fill or touch the frame (pre-cropped datasets such as Extended Yale B, partial faces);
+#: a border gives it the context it was trained with. "constant" pads with the image's mean colour.
+#: Each retry costs one more detection on an image with no face, so retries are made only on
+#: images whose longer side is at most RETRY_MAX_SIDE (face crops are small; big photos rarely
+#: have one face filling the frame).
+RETRY_MAX_SIDE = 1024
+RETRY_PADDINGS = (("constant", 0.25), ("replicate", 0.5), ("reflect", 0.25))
+_BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE,
+            "reflect": cv2.BORDER_REFLECT}
 
 #: Canonical 5-point template (ArcFace / InsightFace 112x112: eyes, nose tip, mouth corners, in
 #: LANDMARK_NAMES order), used by ``crop_face(mode="landmarks")``. It is scaled to
@@ -43,7 +51,7 @@ LANDMARK_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.02
                                   [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Face:
     """One detected face.
 
@@ -92,13 +100,16 @@ class FaceDetector:
         scale_factor: image-pyramid step.
         detect_max_side: detection runs on a copy downscaled to this longer side (None: never).
         detect_min_side: images with a shorter side below this are upscaled to it (None: never).
-        retry_with_padding: when nothing is found, try once more on an edge-padded copy.
+        retry_with_padding: when nothing is found, retry on padded copies (RETRY_PADDINGS).
         device: TensorFlow device string for MTCNN ("CPU:0", "GPU:0").
+        graph_mode: run MTCNN's three networks as tf.functions with shape-agnostic signatures
+            (traced once each) instead of eager Keras calls: same outputs, about 4x faster on CPU.
     """
 
     def __init__(self, min_face_size=DEFAULT_MIN_FACE_SIZE, thresholds=DEFAULT_THRESHOLDS,
                  scale_factor=DEFAULT_SCALE_FACTOR, detect_max_side=DEFAULT_DETECT_MAX_SIDE,
-                 detect_min_side=DEFAULT_DETECT_MIN_SIDE, retry_with_padding=True, device="CPU:0"):
+                 detect_min_side=DEFAULT_DETECT_MIN_SIDE, retry_with_padding=True, device="CPU:0",
+                 graph_mode=True):
         if len(thresholds) != 3:
             raise ValueError(f"thresholds needs 3 values (PNet, RNet, ONet), got {thresholds}")
         from mtcnn import MTCNN  # imports TensorFlow
@@ -110,6 +121,7 @@ class FaceDetector:
         self.detect_min_side = detect_min_side
         self.retry_with_padding = retry_with_padding
         self._mtcnn = MTCNN(device=device)
+        self.graph_mode = bool(graph_mode) and _compile_stages(self._mtcnn)
 
     def _run(self, image):
         """Raw MTCNN on uint8 [H, W, 3]: list of Face in this image's pixels."""
@@ -147,9 +159,13 @@ class FaceDetector:
         fx, fy = w / float(work.shape[1]), h / float(work.shape[0])
         faces = self._run(work)
         offset = (0.0, 0.0)
-        if not faces and self.retry_with_padding:
-            pad = max(1, int(round(RETRY_PAD_FRACTION * min(work.shape[:2]))))
-            padded = cv2.copyMakeBorder(work, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        retry = self.retry_with_padding and max(work.shape[:2]) <= RETRY_MAX_SIDE
+        for kind, fraction in (RETRY_PADDINGS if retry else ()):
+            if faces:
+                break
+            pad = max(1, int(round(fraction * min(work.shape[:2]))))
+            fill = [float(v) for v in work.reshape(-1, 3).mean(axis=0)]
+            padded = cv2.copyMakeBorder(work, pad, pad, pad, pad, _BORDERS[kind], value=fill)
             faces = self._run(padded)
             offset = (float(pad), float(pad))
         out = []
@@ -163,6 +179,20 @@ class FaceDetector:
             out.append(Face(box=box, score=g.score, landmarks=lms))
         out.sort(key=lambda f: -f.score)
         return out
+
+
+def _compile_stages(mtcnn):
+    """Swap each MTCNN stage's Keras model for a tf.function over it (float32 [N, H, W, 3] input,
+    any N, H, W). Returns False, changing nothing, if this mtcnn version is laid out differently."""
+    import tensorflow as tf
+
+    stages = getattr(mtcnn, "stages", None) or []
+    if not stages or not all(hasattr(st, "_model") for st in stages):
+        return False
+    spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
+    for st in stages:
+        st._model = tf.function(st._model, input_signature=spec, reduce_retracing=True)
+    return True
 
 
 def _as_rgb_uint8(image):

@@ -1,7 +1,7 @@
 """The built-in dataset: procedural synthetic faces, written as an LFW-style image tree.
 
 Lets ``python train.py`` run with no data download: a few thousand faces of a few hundred identities
-render in about a minute on two cores. Identity lives in stable mid/large-scale cues (face shape,
+render at roughly 200 images per second per core. Identity lives in stable mid/large-scale cues (face shape,
 skin tone, hair style and colour, eyes, brows, nose, mouth, facial hair, glasses; see
 :mod:`data.synthetic_params`), while nuisances break pixel alignment (3-D pose, expression, lighting,
 background clutter, crop jitter, occlusion, blur, noise, JPEG; see :mod:`data.synthetic_render`).
@@ -145,8 +145,9 @@ def make_pairs(names, images_per_identity, seed, num_folds=NUM_FOLDS, max_per_fo
     """Balanced verification pairs over ``names`` (each with images 1..K), in ``num_folds`` folds.
 
     With >= 2 * num_folds identities the folds are identity-disjoint (as LFW View 2); with fewer,
-    every fold draws from all identities but no pair repeats. Every fold has the same number n of
-    matched and of mismatched pairs: min(max_per_fold, what the smallest fold can supply).
+    every fold draws from all identities and no pair repeats (in a set too small even for that,
+    pairs are unique within a fold only). Every fold has the same number n of matched and of
+    mismatched pairs: min(max_per_fold, what the smallest fold can supply).
 
     Returns a list of ``(matched: [(name, n1, n2)], mismatched: [(name1, n1, name2, n2)])``.
     """
@@ -159,13 +160,16 @@ def make_pairs(names, images_per_identity, seed, num_folds=NUM_FOLDS, max_per_fo
     order = [names[i] for i in rng.permutation(len(names))]
     groups = [order[f::num_folds] for f in range(num_folds)] if disjoint else [order] * num_folds
     share = 1 if disjoint else num_folds
-    cap_same = min(len(g) * k * (k - 1) // 2 for g in groups) // share
-    cap_diff = min(len(g) * (len(g) - 1) // 2 * k * k for g in groups) // share
-    n = int(min(max_per_fold, cap_same, cap_diff))
-    if n < 1:
-        raise ValueError("too few held-out images to make one matched and one mismatched pair per fold")
+    cap_same = min(len(g) * k * (k - 1) // 2 for g in groups)
+    cap_diff = min(len(g) * (len(g) - 1) // 2 * k * k for g in groups)
+    n = int(min(max_per_fold, cap_same // share, cap_diff // share))
+    repeat_across_folds = n < 1  # tiny set: pairs are unique within a fold but may recur across folds
+    if repeat_across_folds:
+        n = int(min(max_per_fold, cap_same, cap_diff))
     used_same, used_diff, folds = set(), set(), []
     for g in groups:
+        if repeat_across_folds:
+            used_same, used_diff = set(), set()
         matched, mismatched = [], []
         while len(matched) < n:
             name = g[int(rng.integers(len(g)))]
@@ -409,6 +413,10 @@ def ensure_synthetic_dataset(cache_dir, identities, images_per_identity, image_s
     """
     root = os.path.join(cache_dir, dataset_key(identities, images_per_identity, image_size, seed,
                                                heldout_identities, difficulty))
+    if os.path.isdir(root) and load_metadata(root) is None:
+        # Not produced by a finished run of this version (the rename is atomic): a cache entry we own.
+        sys.stderr.write(f"synthetic: removing incomplete or outdated cache entry {root}\n")
+        shutil.rmtree(root)
     return generate_dataset(root, identities, images_per_identity, image_size, seed,
                             heldout_identities=heldout_identities, workers=workers,
                             difficulty=difficulty, progress=progress)

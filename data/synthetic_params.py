@@ -135,7 +135,7 @@ def categorical_code(identity):
     return np.asarray(code, dtype=np.int16)
 
 
-def sample_identities(num_identities, seed, min_differences=3, max_tries=200):
+def sample_identities(num_identities, seed, min_differences=4, max_tries=200):
     """Draw ``num_identities`` identities, each differing from all earlier ones in at least
     ``min_differences`` categorical attributes (rejection sampling; deterministic for ``seed``).
 

@@ -9,8 +9,9 @@ summary. Each record is a ``tf.train.Example`` with
 
 =====================  =======  ===========================================================
 ``image/encoded``      bytes    the file's own bytes when TensorFlow decodes them exactly as
-                                ``data.image_io`` does (JPEG, BMP, PNG without alpha/palette);
-                                otherwise (PGM/PPM, WebP, GIF, TIFF, PNG with alpha...) the
+                                ``data.image_io`` does (JPEG without EXIF, BMP, PNG without
+                                alpha/palette); otherwise (PGM/PPM, WebP, GIF, TIFF, PNG with
+                                alpha, EXIF JPEG...) the
                                 image decoded by ``data.image_io.read_image`` re-encoded as
                                 lossless RGB PNG
 ``image/format``       bytes    ``jpeg`` / ``png`` / ``bmp``
@@ -56,16 +57,25 @@ DEFAULT_MAX_BYTES = 16 << 30
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _native_format(head: bytes):
+def native_format(head: bytes):
     """'jpeg'/'bmp'/'png' when TensorFlow's decoder matches data.image_io on these bytes, else None.
 
-    Must agree with data.pipeline._tf_decodable.
+    ``head``: the first 64 bytes (or more) of the file. Mirrors data.pipeline._tf_decodable: JPEG
+    without EXIF, BMP, PNG of colour type 0 (grey) or 2 (RGB).
     """
+    size = len(head)
+    head = bytes(head[:64]).ljust(64, b"\0")
     if head[:3] == b"\xff\xd8\xff":
+        if head[3] == 0xE1 and head[6:10] == b"Exif":
+            return None
+        app1 = 4 + head[4] * 256 + head[5]
+        if head[3] == 0xE0 and app1 + 8 <= 64 and head[app1:app1 + 2] == b"\xff\xe1" \
+                and head[app1 + 4:app1 + 8] == b"Exif":
+            return None
         return "jpeg"
     if head[:2] == b"BM":
         return "bmp"
-    if head[:8] == _PNG_SIGNATURE and len(head) > 25 and head[25] in (0, 2):
+    if head[:8] == _PNG_SIGNATURE and size > 25 and head[25] in (0, 2):
         return "png"
     return None
 
@@ -83,7 +93,7 @@ def _encode_one(path: str):
     image = read_image(path)  # validates (raises UnreadableImageError with .reason)
     with open(path, "rb") as f:
         contents = f.read()
-    fmt = _native_format(contents[:32])
+    fmt = native_format(contents[:64])
     if fmt is not None:
         return contents, fmt, image.shape[0], image.shape[1], False
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
@@ -241,6 +251,7 @@ class TFRecordTable:
       class_names: tuple [C] (from classes.json when present, else from the records).
       filenames: list [N] of the source paths relative to the input folder.
       files: the shard files read.
+      num_bytes: total size of the encoded images.
     """
 
     encoded: np.ndarray
@@ -248,6 +259,7 @@ class TFRecordTable:
     class_names: tuple
     filenames: List[str]
     files: List[str]
+    num_bytes: int = 0
 
     def __len__(self):
         return len(self.labels)
@@ -294,8 +306,25 @@ def _parse_fn():
     return parse
 
 
-def load_tfrecords(source, max_bytes: int = None) -> TFRecordTable:
+_CACHE = {}
+
+
+def _fingerprint(files):
+    import tensorflow as tf
+
+    out = []
+    for f in files:
+        st = tf.io.gfile.stat(f)
+        out.append((f, st.length, st.mtime_nsec))
+    return tuple(out)
+
+
+def load_tfrecords(source, max_bytes: int = None, cache: bool = True) -> TFRecordTable:
     """Reads every record of ``source`` (glob / folder / file / list; any tf.io.gfile path).
+
+    With ``cache`` the last table read is kept in memory and returned again while the files are
+    unchanged (same names, sizes and modification times), so re-creating the input pipeline (e.g.
+    once per epoch) does not re-read the shards.
 
     Raises:
       EmptyDatasetError: no files or no records.
@@ -306,6 +335,9 @@ def load_tfrecords(source, max_bytes: int = None) -> TFRecordTable:
     files = expand_tfrecord_source(source)
     if max_bytes is None:
         max_bytes = int(os.environ.get("FACENET_TFRECORD_MAX_BYTES", DEFAULT_MAX_BYTES))
+    key = _fingerprint(files) if cache else None
+    if cache and key in _CACHE and _CACHE[key].num_bytes <= max_bytes:
+        return _CACHE[key]
     encoded, labels, names, filenames, indices = [], [], [], [], []
     total = 0
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(8, len(files)))
@@ -338,8 +370,13 @@ def load_tfrecords(source, max_bytes: int = None) -> TFRecordTable:
     names = [names[i] for i in order]
     filenames = [filenames[i] for i in order]
     class_names = _class_names(files, labels, names)
-    return TFRecordTable(encoded=encoded_arr, labels=labels.astype(np.int32),
-                         class_names=class_names, filenames=filenames, files=files)
+    table = TFRecordTable(encoded=encoded_arr, labels=labels.astype(np.int32),
+                          class_names=class_names, filenames=filenames, files=files,
+                          num_bytes=total)
+    if cache:
+        _CACHE.clear()  # one table at a time: they can be large
+        _CACHE[key] = table
+    return table
 
 
 def _class_names(files: Sequence[str], labels: np.ndarray, names: Sequence[bytes]) -> tuple:

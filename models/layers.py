@@ -51,7 +51,8 @@ class L2Pooling2D(keras.layers.Layer):
     With SAME padding the padded cells contribute nothing: the sum over the window is computed as
     ``avg_pool(x^2) * (number of valid cells in the window)`` (TF's average pooling already
     excludes padding from its divisor), so windows on the border are not over-counted. The square
-    root has a finite gradient when a whole window is zero (common after a ReLU).
+    root has a finite gradient when a whole window is zero (common after a ReLU). Squares are
+    summed in float32 also under mixed precision (float16 overflows above 65504).
     """
 
     def __init__(self, pool_size=3, strides=1, padding="same", **kwargs):
@@ -84,14 +85,16 @@ class L2Pooling2D(keras.layers.Layer):
     def call(self, inputs):
         ph, pw = self.pool_size
         sh, sw = self.strides
-        squared = tf.square(inputs)
+        # Sums of squares overflow float16 (max 65504) for activations of a few tens: always
+        # square and sum in float32, and cast the result back to the layer's compute dtype.
+        squared = tf.square(tf.cast(inputs, tf.float32))
         mean = tf.nn.avg_pool2d(squared, ksize=[ph, pw], strides=[sh, sw],
                                 padding=self.padding.upper())
         static = inputs.shape
         height = static[1] if static[1] is not None else tf.shape(inputs)[1]
         width = static[2] if static[2] is not None else tf.shape(inputs)[2]
         summed = mean * self._window_counts(height, width, mean.dtype)
-        return _safe_sqrt(summed)
+        return tf.cast(_safe_sqrt(summed), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape

@@ -208,7 +208,8 @@ def test_detector_maps_boxes_back_from_resized_and_padded_copies():
     det._run = stub_pad
     det.detect_min_side = None
     (f,) = det.detect(np.zeros((100, 120, 3), np.uint8))
-    pad = round(detect.RETRY_PAD_FRACTION * 100)
+    kind, fraction = detect.RETRY_PADDINGS[0]
+    pad = round(fraction * 100)
     assert calls[1][:2] == (100 + 2 * pad, 120 + 2 * pad)
     np.testing.assert_allclose(f.box, (0.0, 30.0 - pad, 90.0 - pad, 110.0 - pad))
 
@@ -332,8 +333,8 @@ def test_detect_only_json(tmp_path):
     target = tmp_path / "det" / "faces.json"
     res = align.run_alignment(raw, None, detect_only=str(target), detector=FakeDetector(),
                               progress=False)
-    assert res["aligned"] == 4 and res["no_face"] == 1 and res["unreadable"] == 2
-    assert res["faces"] == 4
+    assert res["with_face"] == 4 and res["aligned"] == 0
+    assert res["no_face"] == 1 and res["unreadable"] == 2 and res["faces"] == 4
     data = json.loads(target.read_text())
     assert data["counts"] == res
     rec = data["images"]["alice/a2.png"]
@@ -343,6 +344,24 @@ def test_detect_only_json(tmp_path):
     assert set(face["landmarks"]) == set(detect.LANDMARK_NAMES)
     assert data["images"]["bob/zero.jpg"]["reason"] == "empty"
     assert not (tmp_path / "raw" / "align_report.tsv").exists()
+
+
+def test_reduced_decode_maps_detections_back_to_source_pixels(tmp_path):
+    """A photo above max_decode_side is decoded reduced; the JSON still speaks source pixels
+    and the box crop uses the same source region."""
+    raw = tmp_path / "raw"
+    big = _face_img(200, 160)
+    big[:40, :40] = (0, 255, 0)  # the fake detector's marker survives 1/4 reduction
+    _save(raw / "big.png", big)
+    res = align.run_alignment(raw, None, detect_only=str(tmp_path / "d.json"),
+                              detector=FakeDetector(), max_decode_side=50, progress=False)
+    assert res["faces"] == 1
+    rec = json.loads((tmp_path / "d.json").read_text())["images"]["big.png"]
+    assert (rec["width"], rec["height"]) == (160, 200)
+    np.testing.assert_allclose(rec["faces"][0]["box"], [32, 40, 128, 180], atol=0.6)
+    crop, reason = align.align_image(raw / "big.png", image_size=20, margin=0,
+                                     detector=FakeDetector(), max_decode_side=50)
+    assert reason == "aligned" and crop.shape == (20, 20, 3)
 
 
 # ----------------------------------------------------------------------------- real MTCNN
@@ -363,6 +382,35 @@ def test_mtcnn_finds_nothing_in_noise_and_flat_images(mtcnn_detector, tmp_path):
 
 
 @pytest.mark.slow
+def test_graph_mode_matches_eager_mtcnn(mtcnn_detector):
+    """The tf.function-wrapped networks give the eager Keras networks' outputs."""
+    assert mtcnn_detector.graph_mode
+    eager = detect.FaceDetector(graph_mode=False)
+    rng = np.random.default_rng(3)
+    for stage_g, stage_e, shape in zip(mtcnn_detector._mtcnn.stages, eager._mtcnn.stages,
+                                       [(1, 37, 53, 3), (7, 24, 24, 3), (5, 48, 48, 3)]):
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        for a, b in zip(stage_g._model(x), stage_e._model(x)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_graph_mode_matches_eager_on_a_group_photo(shared_data_dir, mtcnn_detector):
+    from data.image_io import read_image
+
+    image = read_image(os.path.join(shared_data_dir, "detector_test", "dlib_examples_faces",
+                                    "2007_007763.jpg"))
+    got = mtcnn_detector.detect(image)
+    want = detect.FaceDetector(graph_mode=False).detect(image)
+    assert len(got) == len(want) == 7
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.box, w.box, atol=1e-3)
+        np.testing.assert_allclose(g.landmarks, w.landmarks, atol=1e-3)
+        assert g.score == pytest.approx(w.score, abs=1e-5)
+
+
+@pytest.mark.slow
 def test_cli_subprocess_with_two_workers(tmp_path):
     """The real entry point: spawned workers, JSON line on stdout, report, resumability."""
     raw, out = tmp_path / "raw", tmp_path / "out"
@@ -373,8 +421,9 @@ def test_cli_subprocess_with_two_workers(tmp_path):
     (raw / "p2" / "bad.jpg").write_text("nope")
     cmd = [sys.executable, "-m", "data.align", "--input_dir", str(raw), "--output_dir", str(out),
            "--image_size", "64", "--margin", "16", "--workers", "2"]
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["processed"] == 5 and res["no_face"] == 4 and res["unreadable"] == 1
@@ -443,7 +492,7 @@ def test_align_real_identities_att_and_yale(shared_data_dir, mtcnn_detector, tmp
     total = sum(k for *_, k in picks)
     assert res["processed"] == total and res["unreadable"] == 0 and res["error"] == 0
     assert res["aligned"] + res["no_face"] == total
-    assert res["aligned"] >= 0.85 * total
+    assert res["aligned"] >= 0.9 * total  # misses: Yale's lit-from-above E+90 (face mostly dark)
     for ident in ("s1", "yaleB01"):
         pngs = os.listdir(out / ident)
         assert len(pngs) >= 8
@@ -456,13 +505,21 @@ def test_align_real_identities_att_and_yale(shared_data_dir, mtcnn_detector, tmp
 @pytest.mark.slow
 @pytest.mark.shared
 def test_landmark_alignment_on_real_face(shared_data_dir, mtcnn_detector):
-    """Aligned by landmarks, the face re-detected in the crop has its landmarks on the template."""
+    """Aligned by landmarks, the face re-detected in the crop has its landmarks where the
+    similarity transform sent the source landmarks (and close to the template)."""
+    from data.image_io import read_image
+
     path = os.path.join(shared_data_dir, "detector_test", "skimage_data", "astronaut.png")
     crop, reason = align.align_image(path, image_size=160, margin=48, mode="landmarks",
                                      detector=mtcnn_detector)
     assert reason == "aligned" and crop.shape == (160, 160, 3)
-    faces = mtcnn_detector.detect(crop)
-    face = select_face(faces, crop.shape)
+    image = read_image(path)
+    src = select_face(mtcnn_detector.detect(image), image.shape)
+    template = detect.landmark_template(160, 48)
+    expected = _apply(similarity_transform(src.landmarks, template), src.landmarks)
+    face = select_face(mtcnn_detector.detect(crop), crop.shape)
     assert face is not None
-    err = np.linalg.norm(face.landmarks - detect.landmark_template(160, 48), axis=1)
-    assert err.max() < 6.0, err
+    err = np.linalg.norm(face.landmarks - expected, axis=1)
+    assert err.max() < 4.0, err  # MTCNN's landmark noise between two views of one face
+    # The face's shape differs from the template's only a little (least-squares residual).
+    assert np.linalg.norm(expected - template, axis=1).max() < 10.0

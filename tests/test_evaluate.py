@@ -234,6 +234,8 @@ def test_cli_lfw_and_holdout_subprocess(setup, tmp_path):
     assert r["identification"]["rank_1"] == 1.0
     assert r["clustering"]["pairwise_f1"] == 1.0 and r["clustering"]["num_clusters"] == 6
     assert r["flip"] is True and r["model"]["image_size"] == [H, W]
+    assert sorted(os.listdir(out_dir)) == ["distance_histogram.png", "holdout_distance_histogram.png",
+                                           "holdout_roc.png", "roc.png"]
     for name in ("roc.png", "distance_histogram.png"):
         path = out_dir / name
         assert path.stat().st_size > 1000
@@ -299,6 +301,9 @@ def test_kmeans_and_disabled_protocols(setup):
     r = _run([f"--export_dir={setup['export']}", f"--data_dir={setup['lfw']}", "--num_pairs=30",
               "--noclustering", "--noidentification"])
     assert "clustering" not in r and "identification" not in r
+    r = _run([f"--export_dir={setup['export']}", f"--data_dir={setup['lfw']}", "--num_pairs=30",
+              "--noidentification", "--clustering_threshold=0.5"])
+    assert r["clustering"]["distance_threshold"] == 0.5 and r["clustering"]["pairwise_f1"] == 1.0
 
 
 def test_usage_errors(setup):
@@ -329,3 +334,37 @@ def test_report_summary_and_failures():
     text = format_summary({**r, "protocol": "lfw", "model": {"model": "x", "image_size": [2, 2]},
                            "failed_images": f})
     assert "accuracy" in text and "failed images: 3" in text and len(text.splitlines()) < 25
+
+
+def test_lfw_view1_single_fold(setup, tmp_path):
+    dev = tmp_path / "pairsDevTest.txt"
+    dev.write_text("2\nAnn_A\t1\t2\nBob_B\t1\t3\nAnn_A\t1\tBob_B\t1\nCid_C\t2\tDee_D\t4\n")
+    r = _run([f"--export_dir={setup['export']}", f"--lfw_dir={setup['lfw']}",
+              f"--lfw_pairs={dev}"])
+    assert r["num_folds"] == 1 and len(r["thresholds"]) == 1 and r["num_pairs"] == 4
+    assert r["accuracy_mean"] == 1.0
+
+
+def test_main_reports_input_errors_without_traceback(setup, tmp_path, capsys):
+    import evaluate
+
+    flags = evaluate.FLAGS
+    flags.unparse_flags()
+    flags(["evaluate.py", f"--export_dir={tmp_path / 'nope'}", f"--data_dir={setup['lfw']}"])
+    try:
+        assert evaluate.main(["evaluate.py"]) == 1
+    finally:
+        flags.unparse_flags()
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("src,dst", [((112, 92), (64, 64)), ((40, 36), (24, 20)), ((30, 20), (96, 80))])
+def test_resize_matches_training_pipeline(src, dst):
+    from data.augment import resize
+    from evaluation.embedder import resize_to
+
+    img = np.random.default_rng(0).integers(0, 256, size=(1,) + src + (3,)).astype(np.uint8)
+    want = resize(img[0], dst).numpy()
+    got = resize_to(img, dst)[0]
+    assert got.shape == dst + (3,)
+    np.testing.assert_allclose(got, np.clip(want, 0, 255), atol=0.02)

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from data import augment as aug
 from data import pipeline
@@ -210,6 +211,8 @@ def messy(tmp_path):
     _write_rgb(root / "good" / "b.png", rgb)
     (root / "good" / "empty.jpg").write_bytes(b"")
     (root / "good" / "text.jpg").write_text("this is not an image\n")
+    jpeg = cv2.imencode(".jpg", rgb)[1].tobytes()
+    (root / "good" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # truncated: TF route fails
     cv2.imwrite(str(root / "formats" / "grey.png"), grey)
     cv2.imwrite(str(root / "formats" / "rgba.png"), rgba[..., [2, 1, 0, 3]])
     cv2.imwrite(str(root / "formats" / "grey.pgm"), grey)
@@ -235,6 +238,19 @@ def test_decode_formats_match_image_io(messy):
     pil = read_image(root / "good" / "a.jpg").astype(int)
     diff = np.abs(jpg.astype(int) - pil)  # TF and Pillow differ slightly in chroma upsampling
     assert diff.mean() < 2 and diff.max() <= 12
+    # EXIF-rotated JPEG: routed to image_io, so the orientation is applied as everywhere else.
+    upright = np.zeros([20, 30, 3], np.uint8)
+    upright[:5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(upright).save(root / "formats" / "rotated.jpg", exif=exif.tobytes())
+    got = pipeline.load_image(str(root / "formats" / "rotated.jpg")).numpy()
+    assert got.shape == (30, 20, 3)
+    np.testing.assert_array_equal(got, read_image(root / "formats" / "rotated.jpg"))
+    # CMYK JPEG: TensorFlow's conversion agrees with image_io's.
+    Image.fromarray(rgb).convert("CMYK").save(root / "formats" / "cmyk.jpg", quality=95)
+    cmyk = pipeline.load_image(str(root / "formats" / "cmyk.jpg")).numpy().astype(int)
+    assert np.abs(cmyk - read_image(root / "formats" / "cmyk.jpg")).mean() < 2
     # Bytes path (as used for TFRecords) agrees too.
     data = tf.io.read_file(str(root / "formats" / "grey.pgm"))
     np.testing.assert_array_equal(pipeline.decode_image(data), read_image(root / "formats" / "grey.pgm"))
@@ -244,10 +260,11 @@ def test_decode_formats_match_image_io(messy):
 def test_validate_files_skips_and_counts(messy, caplog):
     root, _, _ = messy
     ds = scan_identity_folder(root)
-    assert ds.class_names == ("formats", "good", "onlybad") and len(ds) == 9
+    assert ds.class_names == ("formats", "good", "onlybad") and len(ds) == 10
     clean, skipped = pipeline.validate_files(ds)
     reasons = {os.path.basename(p): r for p, r in skipped}
-    assert reasons == {"empty.jpg": "empty", "text.jpg": "not_an_image", "zero.png": "empty"}
+    assert reasons == {"empty.jpg": "empty", "text.jpg": "not_an_image", "zero.png": "empty",
+                       "cut.jpg": "truncated"}
     assert clean.class_names == ("formats", "good")  # the identity with no good image is gone
     assert len(clean) == 6 and len(clean) + len(skipped) == len(ds)
     assert all(clean.class_names[lab] in path for path, lab in zip(clean.paths, clean.labels))

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from data import pipeline
 from data.dataset import EmptyDatasetError, scan_identity_folder
-from data.tfrecords import load_tfrecords, write_tfrecords
+from data.tfrecords import load_tfrecords, native_format, write_tfrecords
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,3 +141,42 @@ def test_cli(folder, tmp_path):
     table = load_tfrecords(str(out / "*.tfrecord"))
     assert table.class_names == ("person 1", "person 2", "person 3", "person 4")
     assert table.filenames[0].startswith("person 1" + os.sep)
+
+
+def test_routing_agrees_between_writer_and_pipeline():
+    """The writer keeps a file's bytes exactly when the pipeline would decode them with TF."""
+    jfif = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08"
+    cases = {
+        jfif + b"\xff\xdb\x00C" + b"\x01" * 60: "jpeg",
+        jfif + b"\xff\xe1\x00\x22Exif\x00\x00MM" + b"\x00" * 40: None,
+        b"\xff\xd8\xff\xe1\x00\x22Exif\x00\x00II" + b"\x00" * 40: None,
+        b"\xff\xd8\xff\xdb" + b"\x00" * 10: "jpeg",
+        b"BM" + b"\x00" * 60: "bmp",
+        png + b"\x00" + b"\x00" * 40: "png",
+        png + b"\x02" + b"\x00" * 40: "png",
+        png + b"\x06" + b"\x00" * 40: None,  # RGBA
+        png + b"\x03" + b"\x00" * 40: None,  # palette
+        png: None,  # cut short before the colour type
+        b"P5\n92 112\n255\n" + b"\x00" * 50: None,
+        b"GIF89a" + b"\x00" * 20: None,
+        b"": None,
+        b"B": None,
+        b"hello world": None,
+    }
+    graph = tf.function(pipeline._tf_decodable)
+    for data, expected in cases.items():
+        assert native_format(data) == expected, data[:12]
+        for fn in (pipeline._tf_decodable, graph):
+            assert bool(fn(tf.constant(data))) == (expected is not None), data[:12]
+
+
+def test_reader_cache(written, tmp_path):
+    ds, out, _ = written
+    first = load_tfrecords(str(out / "*.tfrecord"))
+    assert load_tfrecords(str(out)) is first  # same files, unchanged: served from memory
+    assert load_tfrecords(str(out), cache=False) is not first
+    copy = tmp_path / "copy"
+    write_tfrecords(ds.subset([0, 1]), copy, 1, progress=False)
+    other = load_tfrecords(str(copy / "*.tfrecord"))
+    assert other is not first and len(other) == 8

@@ -334,3 +334,25 @@ def test_make_pairs_all_refuses_huge(monkeypatch):
     monkeypatch.setattr(hp, "MAX_ALL_PAIRS", 10)
     with pytest.raises(ValueError, match="balanced"):
         hp.make_pairs(np.repeat(np.arange(3), 3), mode="all")
+
+
+# ---------------------------------------------------------------------------------- plots
+def test_plots_write_decodable_pngs(tmp_path):
+    from PIL import Image
+
+    from evaluation.plots import plot_distance_histogram, plot_roc
+
+    rng = np.random.default_rng(0)
+    s = np.arange(400) % 2 == 0
+    d = rng.normal(1.0 - 0.6 * s, 0.3)
+    far, tar, _ = V.roc_curve(d, s)
+    assert far[0] == 0  # FAR = 0 must not break the log axis
+    paths = [plot_roc(far, tar, str(tmp_path / "a" / "roc.png")),
+             plot_distance_histogram(d, s, 0.7, str(tmp_path / "hist.png")),
+             plot_distance_histogram(d[s], s[s], None, str(tmp_path / "one_class.png"))]
+    for p in paths:
+        with Image.open(p) as im:
+            im.load()
+            assert im.format == "PNG" and min(im.size) > 100
+            # not a blank canvas
+            assert np.asarray(im.convert("L")).std() > 5
