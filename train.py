@@ -105,6 +105,15 @@ def _strategy(tf):
     return tf.distribute.get_strategy()
 
 
+def _check_same_optimizer(model_dir):
+    """A checkpoint holds one optimiser's slots: resuming with another one cannot be exact."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        stored = json.load(f).get("optimizer")
+    if stored and stored != FLAGS.optimizer:
+        sys.exit(f"train.py: {model_dir} was trained with --optimizer={stored}; resume with the same "
+                 f"optimizer, or start a new --model_dir (got --optimizer={FLAGS.optimizer})")
+
+
 def _total_steps():
     if FLAGS.max_steps is not None:
         return int(FLAGS.max_steps)
@@ -150,9 +159,13 @@ class Trainer:
     def step(self):
         return int(self.optimizer.iterations.numpy())
 
-    def restore(self):
+    def restore(self, weights_only=False):
+        """Restore the latest checkpoint; ``weights_only`` skips the optimiser (e.g. --projector_only)."""
         path = self.manager.latest_checkpoint
-        if path:
+        if path and weights_only:
+            self.tf.train.Checkpoint(model=self.backbone).restore(path).expect_partial()
+            logging.info("restored weights from %s", path)
+        elif path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
             logging.info("resumed from %s at step %d", path, self.step)
         return path
@@ -245,7 +258,10 @@ def main(argv):
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     if os.path.exists(config_path(FLAGS.model_dir)):
         check_compatible(load_run_config(FLAGS.model_dir), config)
-    save_run_config(FLAGS.model_dir, config)
+        if not FLAGS.projector_only:
+            _check_same_optimizer(FLAGS.model_dir)
+    if not FLAGS.projector_only:
+        save_run_config(FLAGS.model_dir, config, extra={"optimizer": FLAGS.optimizer})
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -254,7 +270,7 @@ def main(argv):
     total_steps = _total_steps()
     strategy = _strategy(tf)
     trainer = Trainer(tf, config, strategy, total_steps)
-    resumed = trainer.restore()
+    resumed = trainer.restore(weights_only=FLAGS.projector_only)
     log_dir = os.path.join(FLAGS.model_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
 

