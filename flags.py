@@ -86,7 +86,9 @@ def define_train_flags():
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps (overrides --epochs).")
     flags.DEFINE_integer("steps_per_epoch", 100, "Steps between validations and checkpoints.")
     flags.DEFINE_integer("epochs", None, "Number of epochs; default from --max_steps.")
-    flags.DEFINE_float("max_minutes", None, "Stop cleanly after this much wall-clock training time.")
+    flags.DEFINE_float("max_minutes", None,
+                       "Stop cleanly after this much wall-clock time from start-up. Default: no "
+                       "limit, except 8.5 minutes on the built-in data with no --max_steps/--epochs.")
     flags.DEFINE_boolean("augment", True, "Random crop, flip and photometric augmentation.")
     flags.DEFINE_boolean("mixed_precision", False, "Use the mixed_float16 policy.")
     flags.DEFINE_enum("distribution_strategy", "default",

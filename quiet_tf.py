@@ -26,9 +26,11 @@ def import_tensorflow():
         os.dup2(devnull, 2)
         import tensorflow as tf
 
+        tf.constant(0.0) + 1.0  # the oneDNN banner is printed when the first kernel runs
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    tf.get_logger().setLevel("WARNING")  # e.g. the checkpoint saver's per-save INFO lines
     return tf

@@ -26,6 +26,7 @@ flags.define_train_flags()
 
 SYNTHETIC_SEED = 2015  # the built-in data set is the same for every run
 EXIT_NAN = 3
+BUILTIN_MAX_MINUTES = 8.5  # wall clock from start-up, leaving time to validate, project and export
 
 
 def _default_cache_dir():
@@ -286,7 +287,12 @@ def main(argv):
     step_fn = lambda: trainer.step  # noqa: E731
     logger = StepLogger(writer, step_fn, batch, every=max(1, min(50, FLAGS.steps_per_epoch // 4)))
     nan_stop = StopOnNaN(step_fn)
-    deadline = None if FLAGS.max_minutes is None else t_start + 60.0 * FLAGS.max_minutes
+    max_minutes = FLAGS.max_minutes
+    if max_minutes is None and not FLAGS.data_dir and FLAGS.max_steps is None and FLAGS.epochs is None:
+        max_minutes = BUILTIN_MAX_MINUTES  # the no-flag main job ends in about 10 minutes
+        logging.info("built-in data with no step budget: training stops after %.1f minutes",
+                     max_minutes)
+    deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
     time_limit = TimeLimit(deadline)
     logging.info("training %s at %s on %s; %d steps of %d images (P=%d, K=%d), model_dir=%s",
                  config.model, image_size, desc.get("data"), total_steps, batch,
@@ -301,7 +307,7 @@ def main(argv):
                     total_steps - trainer.step)
         t0 = time.perf_counter()
         fit = trainer.train_model.fit(_batches(train_source, image_size, epoch), epochs=1,
-                                      steps_per_epoch=steps,
+                                      steps_per_epoch=steps, shuffle=False,
                                       verbose=1 if sys.stdout.isatty() else 2,
                                       callbacks=[nan_stop, time_limit, logger])
         train_seconds += time.perf_counter() - t0

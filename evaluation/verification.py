@@ -140,18 +140,29 @@ def kfold_accuracy(distances, issame, folds=None, num_folds=10):
 
     Returns (mean accuracy, std accuracy over folds, thresholds: list of float, one per fold).
     """
+    accs, thresholds = [], []
+    for d_sorted, s_sorted, d_test, s_test in _cross_validation_folds(distances, issame, folds,
+                                                                      num_folds):
+        t, _ = _best_threshold_sorted(d_sorted, s_sorted)
+        thresholds.append(t)
+        accs.append(np.mean((d_test <= t) == s_test))
+    return float(np.mean(accs)), float(np.std(accs)), thresholds
+
+
+def _cross_validation_folds(distances, issame, folds, num_folds):
+    """Yield, per fold: (train distances sorted ascending, their issame, test distances, test issame).
+
+    The pairs are sorted once, so every training subset is already sorted. With a single fold the
+    training and test sets are the same pairs.
+    """
     d, s = check_pairs(distances, issame)
     folds, ids = _fold_ids(d.size, folds, num_folds, s)
-    order = np.argsort(d, kind="stable")  # sort once; every training subset stays sorted
+    order = np.argsort(d, kind="stable")
     ds, ss, fs = d[order], s[order], folds[order]
-    accs, thresholds = [], []
     for k in ids:
         test = folds == k
         train = (fs != k) if ids.size > 1 else (fs == k)
-        t, _ = _best_threshold_sorted(ds[train], ss[train])
-        thresholds.append(t)
-        accs.append(np.mean((d[test] <= t) == s[test]))
-    return float(np.mean(accs)), float(np.std(accs)), thresholds
+        yield ds[train], ss[train], d[test], s[test]
 
 
 def val_far(distances, issame, threshold):
@@ -213,18 +224,12 @@ def val_at_far(distances, issame, far_target, folds=None, num_folds=10):
 
     Returns (mean VAL, std VAL over folds, mean FAR over folds).
     """
-    d, s = check_pairs(distances, issame)
-    folds, ids = _fold_ids(d.size, folds, num_folds, s)
-    order = np.argsort(d, kind="stable")  # sort once; every training subset stays sorted
-    ds, ss, fs = d[order], s[order], folds[order]
     vals, fars = [], []
-    for k in ids:
-        test = folds == k
-        train = (fs != k) if ids.size > 1 else (fs == k)
-        neg = ds[train & ~ss]
-        t = (_threshold_at_far_sorted(neg, far_target) if neg.size
-             else float(ds[train].max()))
-        v, f = val_far(d[test], s[test], t)
+    for d_sorted, s_sorted, d_test, s_test in _cross_validation_folds(distances, issame, folds,
+                                                                      num_folds):
+        neg = d_sorted[~s_sorted]
+        t = _threshold_at_far_sorted(neg, far_target) if neg.size else float(d_sorted.max())
+        v, f = val_far(d_test, s_test, t)
         vals.append(v)
         fars.append(f)
     return float(np.mean(vals)), float(np.std(vals)), float(np.mean(fars))

@@ -10,11 +10,11 @@
 Every model takes float32 RGB ``[N, H, W, 3]`` already preprocessed by ``data.preprocess`` and
 returns float32 ``[N, embedding_size]`` embeddings with unit L2 norm per row.
 
-Importing this package imports TensorFlow with its C++ start-up banner silenced (models/quiet.py).
+Importing this package imports TensorFlow with its C++ start-up banner silenced (quiet_tf.py).
 """
-from models.quiet import import_tensorflow_quietly
+from quiet_tf import import_tensorflow
 
-import_tensorflow_quietly()
+import_tensorflow()
 
 # pylint: disable=wrong-import-position
 from models.inception import build_nn2, build_nn3, build_nn4

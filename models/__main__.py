@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from models.quiet import import_tensorflow_quietly
+from quiet_tf import import_tensorflow
 
 
 def _human(value, unit=""):
@@ -52,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--normalization", default="batch", choices=("batch", "lrn"))
     args = parser.parse_args(argv)
 
-    import_tensorflow_quietly()
+    import_tensorflow()
     import keras
 
     import models

@@ -106,6 +106,14 @@ def inception_module(x, spec: InceptionSpec, normalization, name):
     return keras.layers.Concatenate(axis=-1, name=f"{name}_concat")(branches)
 
 
+def maxout_fc(x, units, name, pieces=2):
+    """Dense(pieces * units) + maxout (NN1's fully connected layers, Table 1). [N, D] -> [N, units]."""
+    from models.layers import Maxout
+
+    x = keras.layers.Dense(pieces * units, name=name)(x)
+    return Maxout(units, name=f"{name}_maxout")(x)
+
+
 def embedding_head(x, embedding_size, name_prefix=""):
     """Linear projection to the embedding, then L2 normalisation in float32. [N, D] -> [N, E]."""
     from models.layers import L2Normalization

@@ -18,8 +18,8 @@ followed by :class:`~models.layers.Maxout` with 4096 units (pairs of 2), as in t
 """
 import keras
 
-from models.blocks import check_normalization, conv_unit, embedding_head, model_input, pool, rnorm
-from models.layers import Maxout
+from models.blocks import (check_normalization, conv_unit, embedding_head, maxout_fc, model_input,
+                           pool, rnorm)
 
 FC_UNITS = 32 * 128  # Table 1: "1x32x128"
 MAXOUT_PIECES = 2
@@ -48,9 +48,7 @@ def build_nn1(embedding_size=128, image_size=(220, 220), normalization="batch", 
     x = conv_unit(x, 256, 3, 1, n, "conv6")
     x = pool(x, "max", 3, 2, name="pool4")
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(FC_UNITS * MAXOUT_PIECES, name="fc1")(x)
-    x = Maxout(FC_UNITS, name="fc1_maxout")(x)
-    x = keras.layers.Dense(FC_UNITS * MAXOUT_PIECES, name="fc2")(x)
-    x = Maxout(FC_UNITS, name="fc2_maxout")(x)
+    x = maxout_fc(x, FC_UNITS, "fc1", MAXOUT_PIECES)
+    x = maxout_fc(x, FC_UNITS, "fc2", MAXOUT_PIECES)
     outputs = embedding_head(x, embedding_size, name_prefix="fc7128_")
     return keras.Model(inputs, outputs, name=name)

@@ -37,9 +37,8 @@ It always uses batch norm in its convs (there is no paper "norm" to reproduce); 
 import keras
 
 from models.blocks import (InceptionSpec, check_normalization, conv_unit, embedding_head,
-                           inception_module, model_input, pool, rnorm)
+                           inception_module, maxout_fc, model_input, pool, rnorm)
 from models.inception import NN2_MODULES, inception_stem
-from models.layers import Maxout
 
 
 def _scaled(spec: InceptionSpec, factor):
@@ -51,12 +50,6 @@ def _scaled(spec: InceptionSpec, factor):
                          s(spec.n5x5), spec.pool, s(spec.proj), spec.stride, spec.pool_size)
 
 
-def _maxout_fc(x, units, name):
-    """Dense(2 * units) + maxout p=2 (NN1's fully connected layers). [N, D] -> [N, units]."""
-    x = keras.layers.Dense(2 * units, name=name)(x)
-    return Maxout(units, name=f"{name}_maxout")(x)
-
-
 def build_nns1(embedding_size=128, image_size=(165, 165), normalization="batch", name="nns1"):
     """NNS1 (our design, see module docstring). Output [N, embedding_size], unit rows."""
     check_normalization(normalization)
@@ -66,8 +59,8 @@ def build_nns1(embedding_size=128, image_size=(165, 165), normalization="batch",
         x = inception_module(x, _scaled(spec, 0.5), normalization, f"inception_{module_name}")
     x = keras.layers.AveragePooling2D(2, strides=2, padding="same", name="avg_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = _maxout_fc(x, 2048, "fc1")
-    x = _maxout_fc(x, 1024, "fc2")
+    x = maxout_fc(x, 2048, "fc1")
+    x = maxout_fc(x, 1024, "fc2")
     outputs = embedding_head(x, embedding_size)
     return keras.Model(inputs, outputs, name=name)
 
@@ -94,7 +87,7 @@ def build_nns2(embedding_size=128, image_size=(140, 116), normalization="batch",
         spec = _scaled(specs[module_name], NNS2_WIDTH)
         x = inception_module(x, spec, n, f"inception_{module_name}")
     x = keras.layers.Flatten(name="flatten")(x)
-    x = _maxout_fc(x, NNS2_FC_UNITS, "fc1")
+    x = maxout_fc(x, NNS2_FC_UNITS, "fc1")
     outputs = embedding_head(x, embedding_size)
     return keras.Model(inputs, outputs, name=name)
 

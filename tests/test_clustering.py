@@ -3,17 +3,13 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import gaussian_clusters
 
 from evaluation.clustering import cluster_embeddings, evaluate_clustering, pairwise_prf
 
 
 def _clusters(num_ids=12, per_id=8, dim=16, spread=0.02, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(num_ids, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(num_ids), per_id)
-    emb = centres[labels] + spread * rng.normal(size=(labels.size, dim))
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+    return gaussian_clusters(num_ids, per_id, dim, spread, seed)
 
 
 def _brute_prf(t, p):

@@ -1,18 +1,14 @@
 """Identification protocol (evaluation/identification.py) on synthetic Gaussian clusters."""
 import numpy as np
 import pytest
+from conftest import gaussian_clusters
 
 from evaluation.identification import (evaluate_identification, rank_of_true_identity,
                                        split_gallery_probes)
 
 
 def _clusters(num_ids=30, per_id=6, dim=16, spread=0.01, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(num_ids, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(num_ids), per_id)
-    emb = centres[labels] + spread * rng.normal(size=(labels.size, dim))
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+    return gaussian_clusters(num_ids, per_id, dim, spread, seed)
 
 
 def test_split_is_a_partition():

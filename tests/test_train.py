@@ -280,3 +280,24 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path, faces):
     m = _metrics(model_dir)
     assert m["step"] == 4
     assert all(np.isfinite(h["train_loss"]) for h in m["history"])
+
+
+def test_evaluate_reads_the_export_that_train_wrote(trained, faces, tmp_path):
+    """evaluate.py on train.py's own SavedModel and on its checkpoint gives the same verification."""
+    results = {}
+    for source in (f"--export_dir={os.path.join(trained, 'export')}", f"--model_dir={trained}"):
+        out_json = str(tmp_path / f"{len(results)}.json")
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "evaluate.py"), source,
+             f"--data_dir={faces['test_dir']}", "--pairs=all", "--noclustering",
+             "--noidentification", f"--output_json={out_json}"],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out_json, encoding="utf-8") as f:
+            results[source.split("=")[0]] = json.load(f)
+    a, b = results["--export_dir"], results["--model_dir"]
+    for key in ("accuracy_mean", "auc", "eer", "num_pairs", "num_failed_pairs", "val_at_far"):
+        assert key in a, key
+    assert a["num_pairs"] == 48 * 47 // 2  # every pair of the 8 x 6 hold-out images
+    assert a["num_failed_pairs"] == 0
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-4)
