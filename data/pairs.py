@@ -106,6 +106,7 @@ class _ImageLocator:
         self.lfw_dir = lfw_dir
         self.fixed = ext.lstrip(".") if ext else None
         self.last = None
+        self.missing = {}  # stem -> the path reported, so one missing image is named once
 
     def __call__(self, name: str, number: int) -> Tuple[str, bool]:
         stem = os.path.join(self.lfw_dir, name, "%s_%04d" % (name, number))
@@ -113,12 +114,15 @@ class _ImageLocator:
             path = f"{stem}.{self.fixed}"
             return path, os.path.isfile(path)
         order = ([self.last] if self.last else []) + [e for e in _SEARCH_EXTENSIONS if e != self.last]
+        if stem in self.missing:
+            return self.missing[stem], False
         for e in order:
             path = f"{stem}.{e}"
             if os.path.isfile(path):
                 self.last = e
                 return path, True
-        return f"{stem}.{self.last or 'jpg'}", False
+        self.missing[stem] = f"{stem}.{self.last or 'jpg'}"
+        return self.missing[stem], False
 
 
 def read_pairs(pairs_file, lfw_dir, ext: Optional[str] = None) -> PairSet:

@@ -140,3 +140,16 @@ def test_write_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="cannot be written"):
         write_pairs(f, [([("a\tb", 1, 2)], [("a", 1, "b", 1)])])
     assert not f.exists()
+
+
+def test_a_missing_image_is_counted_once_with_mixed_extensions(tmp_path):
+    """The extension search remembers the last one found; a missing image keeps one name."""
+    lfw = tmp_path / "lfw"
+    _make_lfw(lfw, [("A", 2), ("B", 1)], ext="jpg")
+    _make_lfw(lfw, [("C", 1), ("C", 2)], ext="png")
+    f = tmp_path / "pairs.txt"
+    # A_0001 is missing: first looked up while the last extension found is jpg, then after png.
+    f.write_text("1\t2\nA\t1\t2\nC\t1\t2\nA\t1\tB\t1\nC\t1\tA\t1\n")
+    ps = read_pairs(f, lfw)
+    assert ps.missing == [str(lfw / "A" / "A_0001.jpg")]
+    np.testing.assert_array_equal(ps.present_mask(), [0, 1, 0, 0])
