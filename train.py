@@ -76,7 +76,8 @@ def _resolve_data(image_size):
     from data.pipeline import validate_files
 
     dataset = scan_identity_folder(FLAGS.data_dir, min_images_per_identity=min_images)
-    dataset, skipped = validate_files(dataset)
+    dataset, skipped = validate_files(
+        dataset, cache_path=os.path.join(FLAGS.model_dir, "validated_files.json"))
     if skipped:
         logging.warning("skipped %d unreadable training images (first: %s)", len(skipped), skipped[0])
     if val_set is None:

@@ -24,6 +24,7 @@ bad files up front.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import List, Sequence, Tuple
@@ -162,12 +163,42 @@ def _failure_reason(path: str) -> str:
     return "unknown decode failure"
 
 
-def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
+def _file_key(path):
+    """'size:mtime_ns' of a file, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _load_validation_cache(cache_path):
+    if not cache_path or not os.path.exists(cache_path):
+        return {}
+    try:
+        with open(cache_path, encoding="utf-8") as f:
+            return dict(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.warning("validate_files: ignoring unreadable cache %s", cache_path)
+        return {}
+
+
+def _save_validation_cache(cache_path, entries):
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    tmp = f"{cache_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": 1, "files": entries}, f)
+    os.replace(tmp, cache_path)
+
+
+def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE, cache_path=None
                    ) -> Tuple[IdentityDataset, List[Tuple[str, str]]]:
     """Decodes every image once, exactly as the training pipeline will, and drops bad ones.
 
     Cost: one full decode per image, in parallel (a 250 px JPEG takes ~1-2 ms per core, so 0.5 M
-    images take several minutes on 2 cores). Bad files (missing, zero-byte, not an image,
+    images take several minutes on 2 cores). With ``cache_path`` (a JSON file; train.py keeps one
+    in its model_dir) the verdicts are stored per path with the file's size and mtime, and a later
+    call decodes only new or changed files. Bad files (missing, zero-byte, not an image,
     truncated, unsupported) are logged and returned with a reason; identities left without any
     image are dropped (logged) and the rest keep their order but are relabelled 0..C'-1 if any
     identity disappears.
@@ -182,19 +213,35 @@ def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
     n = len(dataset)
     if n == 0:
         raise EmptyDatasetError("validate_files: the dataset holds no images")
-    paths = tf.constant(list(dataset.paths), tf.string)
-
-    def check(i):
-        image = load_image(paths[i])
-        ok = tf.logical_and(tf.shape(image)[0] > 0, tf.shape(image)[1] > 0)
-        return i, ok
-
-    ds = tf.data.Dataset.range(n).map(check, num_parallel_calls=num_parallel_calls,
-                                      deterministic=False)
-    ds = ds.ignore_errors()
+    keys = [_file_key(p) for p in dataset.paths]
+    cache = _load_validation_cache(cache_path)
     good = np.zeros([n], dtype=bool)
-    for i, ok in ds.as_numpy_iterator():
-        good[i] = ok
+    todo = []
+    for i, (path, key) in enumerate(zip(dataset.paths, keys)):
+        hit = cache.get(path)
+        if key is not None and hit is not None and hit[0] == key:
+            good[i] = bool(hit[1])
+        else:
+            todo.append(i)
+    if todo:
+        paths = tf.constant([dataset.paths[i] for i in todo], tf.string)
+        index = tf.constant(todo, tf.int64)
+
+        def check(j):
+            image = load_image(paths[j])
+            ok = tf.logical_and(tf.shape(image)[0] > 0, tf.shape(image)[1] > 0)
+            return index[j], ok
+
+        ds = tf.data.Dataset.range(len(todo)).map(check, num_parallel_calls=num_parallel_calls,
+                                                  deterministic=False)
+        ds = ds.ignore_errors()
+        for i, ok in ds.as_numpy_iterator():
+            good[i] = ok
+    if cache_path:
+        cache.update({p: [k, bool(g)] for p, k, g in zip(dataset.paths, keys, good) if k is not None})
+        _save_validation_cache(cache_path, cache)
+    logging.info("validate_files: decoded %d of %d images (%d verdicts from the cache)",
+                 len(todo), n, n - len(todo))
     skipped = [(dataset.paths[i], _failure_reason(dataset.paths[i]))
                for i in np.flatnonzero(~good)]
     for path, reason in skipped[:20]:

@@ -280,6 +280,34 @@ def test_validate_files_skips_and_counts(messy, caplog):
         pipeline.validate_files(only_text)
 
 
+def test_validate_files_cache_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
+    """A second call with the same cache decodes nothing; a file that changes is decoded again."""
+    root = tmp_path / "ids"
+    for ident in ("a", "b"):
+        (root / ident).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full([8, 8, 3], 40 * k, np.uint8)).save(root / ident / f"{k}.png")
+    ds = scan_identity_folder(root)
+    cache = str(tmp_path / "cache" / "validated.json")
+    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    assert len(clean) == 6 and not skipped and os.path.exists(cache)
+
+    decoded = []
+    real_load = pipeline.load_image
+
+    def counting_load(path):
+        decoded.append(1)
+        return real_load(path)
+
+    monkeypatch.setattr(pipeline, "load_image", counting_load)
+    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    assert len(clean) == 6 and not skipped and decoded == []
+    (root / "b" / "1.png").write_bytes(b"now a text file")  # size and mtime change
+    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    assert decoded == [1]  # traced once for the one file left to check
+    assert [os.path.basename(p) for p, _ in skipped] == ["1.png"] and len(clean) == 5
+
+
 def test_eval_dataset_order_and_values(coded):
     paths = list(coded.paths[:7])
     batches = list(pipeline.eval_dataset(paths, SIZE, batch_size=3).as_numpy_iterator())
