@@ -10,14 +10,20 @@ import os
 import sys
 
 
-def import_tensorflow():
-    """Import and return ``tensorflow`` quietly (idempotent)."""
+def import_tensorflow(before_first_op=None):
+    """Import and return ``tensorflow`` quietly (idempotent).
+
+    ``before_first_op(tf)``, when given, runs right after the import and before the first kernel
+    (which initialises the devices): the place for ``tf.config`` device set-up.
+    """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if os.environ.get("FACENET_VERBOSE_TF"):
         import tensorflow as tf
 
+        if before_first_op is not None:
+            before_first_op(tf)
         return tf
     sys.stderr.flush()
     saved = os.dup(2)
@@ -26,6 +32,8 @@ def import_tensorflow():
         os.dup2(devnull, 2)
         import tensorflow as tf
 
+        if before_first_op is not None:
+            before_first_op(tf)
         tf.constant(0.0) + 1.0  # the oneDNN banner is printed when the first kernel runs
     finally:
         sys.stderr.flush()

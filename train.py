@@ -243,8 +243,7 @@ def _export(trainer, threshold, desc):
 def main(argv):
     del argv
     t_start = time.monotonic()
-    tf = import_tensorflow()
-    _configure_devices(tf)
+    tf = import_tensorflow(before_first_op=_configure_devices)
     import keras
 
     import models
