@@ -11,6 +11,8 @@ FLAGS = flags.FLAGS
 MODEL_NAMES = ("nn1", "nn2", "nn3", "nn4", "nns1", "nns2", "tiny")
 MINING_CHOICES = ("semi_hard", "semi_hard_paper", "hard", "all")
 DISTANCE_CHOICES = ("squared_l2", "l2", "cosine")
+LOSS_CHOICES = ("triplet", "contrastive", "lifted", "trihard", "distance_weighted", "softmax",
+                "softmax_center", "normface", "sphereface", "cosface", "arcface")
 
 _defined = set()
 
@@ -72,6 +74,17 @@ def define_train_flags():
     flags.DEFINE_integer("images_per_identity", 8, "K: images per identity in a batch.")
     flags.DEFINE_enum("small_identities", "replace", ("replace", "drop"),
                       "Identities with fewer than K images: sample with replacement, or drop.")
+    flags.DEFINE_enum("loss", "triplet", LOSS_CHOICES,
+                      "Training objective: FaceNet's triplet loss, another metric-learning loss, or "
+                      "a classification head over the embedding (see training/objectives.py).")
+    flags.DEFINE_float("loss_margin", None,
+                       "Margin of contrastive / lifted / distance_weighted (default: the loss's own).")
+    flags.DEFINE_float("head_scale", None, "Scale s of normface/sphereface/cosface/arcface heads.")
+    flags.DEFINE_float("head_margin", None, "Margin m of sphereface (integer)/cosface/arcface heads.")
+    flags.DEFINE_float("center_weight", None, "lambda of the center loss for --loss=softmax_center.")
+    flags.DEFINE_integer("pretrain_softmax_steps", 0,
+                         "With --loss=triplet: train a softmax head for this many steps first, then "
+                         "drop it and fine-tune with the triplet loss.")
     flags.DEFINE_enum("mining", "semi_hard", MINING_CHOICES, "Online triplet mining strategy.")
     flags.DEFINE_enum("distance", "squared_l2", DISTANCE_CHOICES, "Embedding distance in the loss.")
     flags.DEFINE_float("margin", 0.2, "Triplet margin alpha (the paper's 0.2).")

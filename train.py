@@ -107,13 +107,30 @@ def _strategy(tf):
     return tf.distribute.get_strategy()
 
 
-def _check_same_optimizer(model_dir):
-    """A checkpoint holds one optimiser's slots: resuming with another one cannot be exact."""
+def _objective():
+    """The flags a checkpoint's optimiser slots and loss state depend on (stored in config.json)."""
+    return {"optimizer": FLAGS.optimizer, "loss": FLAGS.loss,
+            "pretrain_softmax_steps": FLAGS.pretrain_softmax_steps}
+
+
+def _check_same_objective(model_dir):
+    """A checkpoint holds one optimiser's slots and one loss's head: resuming with others cannot
+    be exact, so it is refused with the flags to use."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        stored = json.load(f).get("optimizer")
-    if stored and stored != FLAGS.optimizer:
-        sys.exit(f"train.py: {model_dir} was trained with --optimizer={stored}; resume with the same "
-                 f"optimizer, or start a new --model_dir (got --optimizer={FLAGS.optimizer})")
+        stored = json.load(f)
+    for key, value in _objective().items():
+        if key in stored and stored[key] != value:
+            sys.exit(f"train.py: {model_dir} was trained with --{key}={stored[key]}; resume with "
+                     f"the same flag, or start a new --model_dir (got --{key}={value})")
+
+
+def _num_classes(source):
+    """Identities of the training data (class indices of the batches), for classification heads."""
+    if hasattr(source, "num_classes"):
+        return int(source.num_classes)
+    from data.tfrecords import load_tfrecords
+
+    return len(load_tfrecords(source).class_names)  # cached: the pipeline reuses the table
 
 
 def _total_steps():
@@ -127,10 +144,10 @@ def _total_steps():
 class Trainer:
     """Owns the model, optimiser, checkpoints and logs of one run."""
 
-    def __init__(self, tf, config, strategy, total_steps):
+    def __init__(self, tf, config, strategy, total_steps, num_classes=None):
         import keras
 
-        from losses import TripletLossLayer
+        from training.objectives import build_train_model
         from training.optim import make_optimizer
         from training.run_config import checkpoint_dir
 
@@ -138,22 +155,22 @@ class Trainer:
         self.config = config
         self.strategy = strategy
         self.total_steps = total_steps
-        h, w = config.image_size
         with strategy.scope():
             self.backbone = config.build_model()
-            images = keras.Input((h, w, 3), name="images")
-            labels = keras.Input((), dtype="int32", name="labels")
-            emb = self.backbone(images)
-            out = TripletLossLayer(margin=FLAGS.margin, distance=FLAGS.distance,
-                                   mining=FLAGS.mining, name="triplet_loss")([emb, labels])
-            self.train_model = keras.Model({"images": images, "labels": labels}, out,
-                                           name="facenet_train")
+            self.train_model, self.terms = build_train_model(
+                self.backbone, config.image_size, FLAGS.loss, num_classes, margin=FLAGS.margin,
+                distance=FLAGS.distance, mining=FLAGS.mining, loss_margin=FLAGS.loss_margin,
+                head_scale=FLAGS.head_scale, head_margin=FLAGS.head_margin,
+                center_weight=FLAGS.center_weight, pretrain_steps=FLAGS.pretrain_softmax_steps,
+                seed=FLAGS.seed)
             optimizer = make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, total_steps,
                                        FLAGS.lr_schedule, FLAGS.momentum, FLAGS.weight_decay)
             self.train_model.compile(optimizer=optimizer)
             self.optimizer = self.train_model.optimizer
             self.optimizer.build(self.train_model.trainable_variables)
-        self.checkpoint = tf.train.Checkpoint(model=self.backbone, optimizer=self.optimizer)
+        # The classifier head (weights, centers) is part of the run's state, not of the export.
+        extra = {"classifier": self.terms["classifier"]} if "classifier" in self.terms else {}
+        self.checkpoint = tf.train.Checkpoint(model=self.backbone, optimizer=self.optimizer, **extra)
         self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir(FLAGS.model_dir),
                                                   max_to_keep=FLAGS.keep_checkpoints)
 
@@ -260,9 +277,9 @@ def main(argv):
     if os.path.exists(config_path(FLAGS.model_dir)):
         check_compatible(load_run_config(FLAGS.model_dir), config)
         if not FLAGS.projector_only:
-            _check_same_optimizer(FLAGS.model_dir)
+            _check_same_objective(FLAGS.model_dir)
     if not FLAGS.projector_only:
-        save_run_config(FLAGS.model_dir, config, extra={"optimizer": FLAGS.optimizer})
+        save_run_config(FLAGS.model_dir, config, extra=_objective())
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -270,7 +287,11 @@ def main(argv):
     train_source, val_set, desc = _resolve_data(image_size)
     total_steps = _total_steps()
     strategy = _strategy(tf)
-    trainer = Trainer(tf, config, strategy, total_steps)
+    from training.objectives import METRIC_LOSSES
+
+    needs_classes = FLAGS.loss not in ("triplet",) + METRIC_LOSSES or FLAGS.pretrain_softmax_steps
+    trainer = Trainer(tf, config, strategy, total_steps,
+                      _num_classes(train_source) if needs_classes else None)
     resumed = trainer.restore(weights_only=FLAGS.projector_only)
     log_dir = os.path.join(FLAGS.model_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
@@ -282,6 +303,7 @@ def main(argv):
         return
 
     from training.callbacks import StepLogger, StopOnNaN, TimeLimit
+    from training.objectives import PhaseSwitch
 
     batch = FLAGS.identities_per_batch * FLAGS.images_per_identity
     step_fn = lambda: trainer.step  # noqa: E731
@@ -294,6 +316,10 @@ def main(argv):
                      max_minutes)
     deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
     time_limit = TimeLimit(deadline)
+    callbacks = [nan_stop, time_limit, logger]
+    if FLAGS.pretrain_softmax_steps > 0:
+        callbacks.insert(0, PhaseSwitch(step_fn, FLAGS.pretrain_softmax_steps,
+                                        trainer.terms["classifier"], trainer.terms["metric"]))
     logging.info("training %s at %s on %s; %d steps of %d images (P=%d, K=%d), model_dir=%s",
                  config.model, image_size, desc.get("data"), total_steps, batch,
                  FLAGS.identities_per_batch, FLAGS.images_per_identity, FLAGS.model_dir)
@@ -309,7 +335,7 @@ def main(argv):
         fit = trainer.train_model.fit(_batches(train_source, image_size, epoch), epochs=1,
                                       steps_per_epoch=steps, shuffle=False,
                                       verbose=1 if sys.stdout.isatty() else 2,
-                                      callbacks=[nan_stop, time_limit, logger])
+                                      callbacks=callbacks)
         train_seconds += time.perf_counter() - t0
         if nan_stop.nan_step is not None:
             good = trainer.manager.latest_checkpoint
@@ -317,7 +343,7 @@ def main(argv):
                              f"Last good checkpoint: {good}. Try a lower --learning_rate.\n")
             sys.exit(EXIT_NAN)
         trainer.save()
-        epoch_record = {"step": trainer.step,
+        epoch_record = {"step": trainer.step, "train_seconds": round(train_seconds, 2),
                         **{f"train_{k}": float(v[-1]) for k, v in fit.history.items() if v}}
         if val_set is not None:
             last, _ = _validate(trainer, val_set, writer)
@@ -331,7 +357,8 @@ def main(argv):
     if last is None and val_set is not None:
         last, _ = _validate(trainer, val_set, writer)
     threshold = last["threshold"] if last else None
-    summary = {"model": config.model, "image_size": list(image_size), "step": trainer.step,
+    summary = {"model": config.model, "image_size": list(image_size), "loss": FLAGS.loss,
+               "step": trainer.step,
                "train_seconds": round(train_seconds, 1),
                "stopped_by_time_limit": time_limit.hit, "resumed_from": resumed, **desc}
     if last:

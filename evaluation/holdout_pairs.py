@@ -109,7 +109,8 @@ def make_pairs(labels, mode="balanced", num_pairs=6000, num_folds=10, seed=0):
 
     Args:
       labels: int [N], identity of each image (e.g. ``IdentityDataset.labels``).
-      mode: ``"balanced"`` (sample ``num_pairs`` pairs, half same, half different) or ``"all"``
+      mode: ``"balanced"`` (sample ``num_pairs`` pairs, half same, half different; when fewer
+        same pairs exist, all of them and as many different pairs) or ``"all"``
         (every i < j; refused above :data:`MAX_ALL_PAIRS`).
       num_pairs: total pairs for ``"balanced"``.
       num_folds: cross-validation folds.
@@ -148,10 +149,12 @@ def make_pairs(labels, mode="balanced", num_pairs=6000, num_folds=10, seed=0):
         want_same = num_pairs // 2
         want_diff = num_pairs - want_same
         sa, sb = _sample_same(labels, want_same, rng)
-        da, db = _sample_diff(labels, want_diff, rng)
         if sa.size < want_same:
+            # Keep the classes balanced (accuracy stays meaningful): as many different pairs.
+            want_diff = sa.size
             _log.warning("make_pairs: only %d same pairs exist (asked for %d); using all of them "
-                         "with %d different pairs", sa.size, want_same, da.size)
+                         "with as many different pairs", sa.size, want_same)
+        da, db = _sample_diff(labels, want_diff, rng)
         if da.size < want_diff:
             _log.warning("make_pairs: only %d different pairs exist (asked for %d)",
                          da.size, want_diff)

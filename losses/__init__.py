@@ -3,18 +3,30 @@
 Modules: `distances` (pairwise distance matrices), `masks` (positive/negative pair masks, masked
 reductions), `mining` (one function per mining strategy), `triplet` (the loss, its statistics and
 the Keras Loss), `layer` (a Keras Layer adding the loss and its statistics), `tfa_compat` (drop-in
-replacements for tensorflow_addons' TripletSemiHardLoss / TripletHardLoss).
+replacements for tensorflow_addons' TripletSemiHardLoss / TripletHardLoss); the losses that
+followed FaceNet: `pair_losses` (contrastive, lifted structured, soft-margin batch-hard,
+distance-weighted sampling) and `margin_heads` (softmax, center loss, NormFace, SphereFace, CosFace,
+ArcFace heads over the embedding).
 """
 from losses.distances import DISTANCES, pairwise_distances
 from losses.layer import TripletLossLayer
+from losses.margin_heads import (HEADS, ArcFaceHead, CenterLoss, CosFaceHead, NormFaceHead,
+                                 SoftmaxCenterHead, SoftmaxHead, SphereFaceHead, make_head)
 from losses.masks import masked_maximum, masked_minimum, negative_mask, positive_mask
 from losses.mining import (STRATEGIES, mine_all, mine_hard, mine_semi_hard,
                            mine_semi_hard_paper)
+from losses.pair_losses import (ContrastiveLoss, DistanceWeightedLoss, LiftedStructuredLoss,
+                                TriHardLoss, contrastive_loss, distance_weighted_loss,
+                                distance_weighted_sampling, lifted_structured_loss, trihard_loss)
 from losses.tfa_compat import (TripletHardLoss, TripletSemiHardLoss, triplet_hard_loss,
                                triplet_semihard_loss)
 from losses.triplet import STAT_KEYS, TripletLoss, triplet_loss, triplet_loss_with_stats
 
 __all__ = [
+    "HEADS", "ArcFaceHead", "CenterLoss", "ContrastiveLoss", "CosFaceHead", "DistanceWeightedLoss",
+    "LiftedStructuredLoss", "NormFaceHead", "SoftmaxCenterHead", "SoftmaxHead", "SphereFaceHead",
+    "TriHardLoss", "contrastive_loss", "distance_weighted_loss", "distance_weighted_sampling",
+    "lifted_structured_loss", "make_head", "trihard_loss",
     "DISTANCES", "STAT_KEYS", "STRATEGIES", "TripletHardLoss", "TripletLoss", "TripletLossLayer",
     "TripletSemiHardLoss", "masked_maximum", "masked_minimum", "mine_all", "mine_hard",
     "mine_semi_hard", "mine_semi_hard_paper", "negative_mask", "pairwise_distances",

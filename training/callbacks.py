@@ -9,7 +9,7 @@ from training.optim import current_learning_rate
 
 # Scalars the triplet-loss layer reports, logged as they arrive in Keras' logs.
 STEP_SCALARS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_pairs",
-                "num_no_semi_hard")
+                "num_no_semi_hard", "classifier_accuracy", "center_loss")
 
 
 class StepLogger(keras.callbacks.Callback):

@@ -1,0 +1,171 @@
+"""What train.py optimises: the training model built around the backbone for a given ``--loss``.
+
+    triplet            FaceNet's triplet loss with online mining (--mining, --margin, --distance)
+    contrastive        DeepID2-style contrastive loss over all pairs of the batch
+    lifted             lifted structured loss (Song et al. 2016)
+    trihard            batch-hard triplet loss with a soft margin (Hermans et al. 2017)
+    distance_weighted  margin loss on distance-weighted negatives (Wu et al. 2017)
+    softmax, softmax_center, normface, sphereface, cosface, arcface
+                       a classification head over the L2-normalised embedding (losses/margin_heads.py),
+                       trained with cross-entropy against the identity labels
+
+Every training model maps ``{"images": [B, H, W, 3], "labels": [B]}`` to the embeddings and adds
+its loss with ``add_loss``; metric-learning losses need P x K batches, heads need global class
+indices (the balanced pipeline provides both). The backbone alone is exported: heads are dropped.
+
+``pretrain_steps > 0`` is the recipe of the FaceNet successors' seeds: a softmax head trains the
+backbone for that many steps, then the classifier is switched off and the triplet loss fine-tunes.
+Both terms live in one model with one optimiser, weighted by non-trainable 0/1 switches that
+:class:`PhaseSwitch` sets from the global step, so a resumed run is exact in either phase.
+"""
+import keras
+import tensorflow as tf
+
+from losses import TripletLoss, TripletLossLayer
+from losses import margin_heads, pair_losses
+
+METRIC_LOSSES = ("contrastive", "lifted", "trihard", "distance_weighted")
+LOSSES = ("triplet",) + METRIC_LOSSES + margin_heads.HEADS
+
+
+def metric_loss(name, margin=None, seed=None):
+    """The keras Loss object of a metric-learning ``name`` (margin None: the loss's default)."""
+    kw = {} if margin is None else {"margin": float(margin)}
+    if name == "contrastive":
+        return pair_losses.ContrastiveLoss(**kw)
+    if name == "lifted":
+        return pair_losses.LiftedStructuredLoss(**kw)
+    if name == "trihard":
+        return pair_losses.TriHardLoss()
+    if name == "distance_weighted":
+        return pair_losses.DistanceWeightedLoss(seed=seed, **kw)
+    raise ValueError(f"unknown metric loss {name!r}; choose from {METRIC_LOSSES}")
+
+
+@keras.saving.register_keras_serializable(package="facenet")
+class EmbeddingLossTerm(keras.layers.Layer):
+    """Adds ``weight * loss(labels, embeddings)`` for a keras Loss; returns embeddings [B, D]."""
+
+    def __init__(self, loss, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_fn = keras.losses.deserialize(loss) if isinstance(loss, dict) else loss
+        self.weight = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                      name="weight")
+
+    def call(self, inputs):
+        embeddings, labels = inputs
+        self.add_loss(tf.cast(self.weight, tf.float32) * self.loss_fn(labels, embeddings))
+        return embeddings
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "loss": keras.losses.serialize(self.loss_fn)}
+
+
+@keras.saving.register_keras_serializable(package="facenet")
+class ClassifierTerm(keras.layers.Layer):
+    """Adds ``weight * cross-entropy(labels, head([embeddings, labels]))``; returns embeddings.
+
+    Also reports ``classifier_accuracy``: the top-1 accuracy of the (margin-free) cosine or
+    linear logits on the batch.
+    """
+
+    def __init__(self, head, **kwargs):
+        super().__init__(**kwargs)
+        self.head = keras.layers.deserialize(head) if isinstance(head, dict) else head
+        self.weight = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                      name="weight")
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="classifier_accuracy")
+
+    def call(self, inputs):
+        embeddings, labels = inputs
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        logits = self.head([embeddings, labels])
+        ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        self.add_loss(tf.cast(self.weight, tf.float32) * tf.reduce_mean(ce))
+        self.accuracy.update_state(labels, logits)
+        return embeddings
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "head": keras.layers.serialize(self.head)}
+
+
+def head_kwargs(name, scale=None, margin=None, center_weight=None):
+    """Keyword arguments for margin_heads.make_head(name, ...) from optional flag values."""
+    kw = {}
+    if scale is not None and name in ("normface", "sphereface", "cosface", "arcface"):
+        kw["scale"] = float(scale)
+    if margin is not None and name in ("sphereface", "cosface", "arcface"):
+        kw["margin"] = int(margin) if name == "sphereface" else float(margin)
+    if center_weight is not None and name == "softmax_center":
+        kw["center_weight"] = float(center_weight)
+    return kw
+
+
+def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *, margin=0.2,
+                      distance="squared_l2", mining="semi_hard", loss_margin=None,
+                      head_scale=None, head_margin=None, center_weight=None,
+                      pretrain_steps=0, seed=None):
+    """The training model and the layers that hold state to checkpoint besides the backbone.
+
+    Returns ``(train_model, terms)``: ``terms`` maps "triplet" / "metric" / "classifier" to the loss
+    layers in the model ("metric" and "classifier" have a ``weight`` switch). ``seed`` seeds the
+    distance-weighted sampler.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+    needs_classes = loss in margin_heads.HEADS or pretrain_steps > 0
+    if needs_classes and not num_classes:
+        raise ValueError(f"--loss={loss} (or softmax pre-training) needs the number of identities "
+                         "of the training data")
+    if pretrain_steps > 0 and loss != "triplet":
+        raise ValueError("softmax pre-training (--pretrain_softmax_steps) fine-tunes with "
+                         f"--loss=triplet, got --loss={loss}")
+    h, w = image_size
+    images = keras.Input((h, w, 3), name="images")
+    labels = keras.Input((), dtype="int32", name="labels")
+    emb = backbone(images)
+    terms = {}
+    if loss in margin_heads.HEADS or pretrain_steps > 0:
+        head_name = loss if loss in margin_heads.HEADS else "softmax"
+        head = margin_heads.make_head(head_name, int(num_classes),
+                                      **head_kwargs(head_name, head_scale, head_margin,
+                                                    center_weight))
+        terms["classifier"] = ClassifierTerm(head, name=f"{head_name}_head")
+        emb = terms["classifier"]([emb, labels])
+    if loss == "triplet" and pretrain_steps > 0:
+        # A switchable term; it reports no mining statistics (TripletLossLayer does).
+        triplet = TripletLoss(margin=margin, distance=distance, mining=mining)
+        terms["metric"] = EmbeddingLossTerm(triplet, name="triplet_loss")
+        emb = terms["metric"]([emb, labels])
+    elif loss == "triplet":
+        terms["triplet"] = TripletLossLayer(margin=margin, distance=distance, mining=mining,
+                                            name="triplet_loss")
+        emb = terms["triplet"]([emb, labels])
+    elif loss in METRIC_LOSSES:
+        terms["metric"] = EmbeddingLossTerm(metric_loss(loss, loss_margin, seed), name=f"{loss}_loss")
+        emb = terms["metric"]([emb, labels])
+    model = keras.Model({"images": images, "labels": labels}, emb, name="facenet_train")
+    return model, terms
+
+
+class PhaseSwitch(keras.callbacks.Callback):
+    """Before each step: the classifier term on and the metric term off while the global step is
+    below ``pretrain_steps``, then the other way round (the seeds' softmax-then-triplet recipe)."""
+
+    def __init__(self, step_fn, pretrain_steps, classifier, metric):
+        super().__init__()
+        self.step_fn = step_fn
+        self.pretrain_steps = int(pretrain_steps)
+        self.classifier = classifier
+        self.metric = metric
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pretraining = self.step_fn() < self.pretrain_steps
+        self.classifier.weight.assign(1.0 if pretraining else 0.0)
+        self.metric.weight.assign(0.0 if pretraining else 1.0)
