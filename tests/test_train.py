@@ -301,3 +301,22 @@ def test_evaluate_reads_the_export_that_train_wrote(trained, faces, tmp_path):
     assert a["num_pairs"] == 48 * 47 // 2  # every pair of the 8 x 6 hold-out images
     assert a["num_failed_pairs"] == 0
     assert a["auc"] == pytest.approx(b["auc"], abs=1e-4)
+
+
+def test_margin_head_run_checkpoints_the_head_and_resumes(tmp_path, faces):
+    """--loss=arcface: the head's class weights are checkpointed (not exported) and resume works."""
+    model_dir = str(tmp_path / "arcface")
+    _train(model_dir, faces, "--loss=arcface", "--head_scale=16", "--max_steps=4",
+           "--steps_per_epoch=2", "--export=false")
+    _train(model_dir, faces, "--loss=arcface", "--head_scale=16", "--max_steps=6",
+           "--steps_per_epoch=2", "--export=false")
+    m = _metrics(model_dir)
+    assert m["step"] == 6 and m["loss"] == "arcface" and m["resumed_from"].endswith("ckpt-4")
+    assert all(np.isfinite(h["train_loss"]) for h in m["history"])
+    import tensorflow as tf
+
+    names = [n for n, _ in tf.train.list_variables(os.path.join(model_dir, "checkpoints"))]
+    kernels = [n for n in names if n.startswith("classifier/") and "kernel" in n]
+    assert kernels, names
+    shapes = dict(tf.train.list_variables(os.path.join(model_dir, "checkpoints")))
+    assert shapes[kernels[0]] == [128, 16]  # D x identities of the training set
