@@ -170,3 +170,50 @@ def parse_image_size(value, default):
     except ValueError:
         pass
     raise ValueError(f"image size must look like '160' or '140x116', got {value!r}")
+
+
+@_once("faces")
+def define_faces_flags():
+    """faces.py: the photo tool (embed, verify, identify, cluster).
+
+    ``--threshold`` is also defined by the export group with the same meaning (a squared-L2
+    verification threshold); it is defined here with ``allow_override`` so that both groups can
+    live in one process, in either order.
+    """
+    define_common_flags()
+    flags.DEFINE_float("threshold", None,
+                       "Verification threshold on the squared L2 distance (default: the one "
+                       "stored in the export).", allow_override=True)
+    flags.DEFINE_enum("detector", "mtcnn", ("mtcnn", "none"),
+                      "Face detection: MTCNN as data.align, or none: every file is already an "
+                      "aligned face crop.")
+    flags.DEFINE_integer("crop_size", 160,
+                         "Side of the face crop before the model's resize, as data.align's "
+                         "--image_size (use the values the training data was aligned with).")
+    flags.DEFINE_float("crop_margin", 32, "Margin of the face crop, as data.align's --margin.")
+    flags.DEFINE_enum("alignment", "box", ("box", "landmarks"),
+                      "Face crop, as data.align's --align: box + margin, or 5-point warp.")
+    flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).",
+                         allow_override=True)
+    flags.DEFINE_boolean("largest", False,
+                         "Only the main face of each photo (largest and most central, the one "
+                         "data.align keeps) instead of every face.")
+    flags.DEFINE_string("output", "embeddings.npz",
+                        "embed: the NPZ of embeddings to write; the JSON of files, boxes and "
+                        "scores goes beside it (embeddings.json).")
+    flags.DEFINE_string("gallery", None,
+                        "identify: folder with one sub-folder of photos per person.")
+    flags.DEFINE_integer("top_k", 3, "identify: how many nearest people to list per face.")
+    flags.DEFINE_string("gallery_cache", None,
+                        "identify: the gallery's embedding cache file (default: under "
+                        "$FACENET_CACHE or ~/.cache/facenet, galleries/).")
+    flags.DEFINE_boolean("use_gallery_cache", True, "identify: read and write the gallery cache.")
+    flags.DEFINE_string("clusters_dir", "clusters",
+                        "cluster: where clusters.json and the contact sheets are written.")
+    flags.DEFINE_enum("linkage", "complete", ("complete", "average", "single"),
+                      "cluster: agglomerative linkage on squared L2 distances, cut at the "
+                      "threshold. complete: every pair of faces in a cluster is within it (a "
+                      "cluster never joins two people the verifier tells apart); average: the "
+                      "mean distance between merged groups is.")
+    flags.DEFINE_boolean("json", False, "Print the result as one JSON object instead of text.")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr for long work.")

@@ -1,9 +1,11 @@
 """Triplet loss + gradient time and peak RSS per batch size and mining strategy (JSON lines).
 
-One subprocess per (batch size, strategy) so ru_maxrss is that run's own peak. Embeddings are
-unit vectors, D=128, K=40 images per identity (the paper's ~40, Section 3.2); the step is compiled
-with tf.function, warm-up excluded, median of --repeats runs. Timings on a shared machine: note
-`load` (1-minute load average) in each line.
+One subprocess per (batch size, strategy) so ru_maxrss is that run's own peak (`peak_rss_mb`,
+TensorFlow's own ~0.65 GB included; `base_rss_mb` is the peak before the first step). Embeddings
+are unit vectors, D=128, K=40 images per identity (the paper's ~40, Section 3.2); one step is the
+loss and its gradient with respect to the embeddings, compiled with tf.function, warm-up excluded;
+median and minimum of --repeats runs. Timings on a shared machine: note `load` (1-minute load
+average) in each line. The default grid (6 sizes x 4 strategies) takes 3-5 minutes on 2 cores.
 
     python -m bench.mining [--sizes 180,360,720,1200,1800,3600] [--strategies semi_hard,hard]
 """
@@ -40,6 +42,7 @@ def _child(batch, strategy, repeats, per_identity, dim):
             loss = losses.triplet_loss(labels, e, mining=strategy)
         return loss, tape.gradient(loss, e)
 
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(emb)[1].numpy()  # trace + warm-up
     wall, cpu = [], []
     for _ in range(repeats):
@@ -53,6 +56,7 @@ def _child(batch, strategy, repeats, per_identity, dim):
         "min_ms": round(1000 * float(np.min(wall)), 1),
         "median_cpu_ms": round(1000 * float(np.median(cpu)), 1), "repeats": repeats,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "base_rss_mb": round(base_rss / 1024, 1),
         "load": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}), flush=True)
 
 

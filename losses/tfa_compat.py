@@ -39,16 +39,15 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     """tfa's semi-hard triplet loss. y_true: int [B] or [B, 1]; y_pred: float [B, D]. float32 scalar."""
     labels = masks.flatten_labels(y_true)
     dist = _distance_matrix(y_pred, distance_metric)
-    mined = mining.mine_semi_hard(dist, labels)
-    has_negative = tf.reduce_any(masks.negative_mask(labels), axis=1, keepdims=True)
-    d_an = tf.gather(dist, mined.negative_index, batch_dims=1)
+    # Every positive pair counts; its anchor has no negative only in a single-identity batch.
+    mined = mining.semi_hard_triplets(dist, labels, pair_mask=masks.positive_mask(labels))
+    d_ap, d_an = mining.triplet_distances(dist, mined.anchor, mined.positive, mined.negative)
     # No negative at all: tfa's masked maximum over an empty mask is the row minimum.
+    has_negative = tf.reduce_any(masks.negative_mask(labels), axis=1)
     row_min = tf.gather(dist, tf.argmin(dist, axis=1, output_type=tf.int32), batch_dims=1)
-    d_an = tf.where(has_negative, d_an, row_min[:, None])
-    pos = masks.positive_mask(labels)
-    hinge = tf.maximum(dist - d_an + tf.cast(margin, tf.float32), 0.0)
-    total = tf.reduce_sum(tf.where(pos, hinge, tf.zeros_like(hinge)))
-    return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(pos, tf.float32)))
+    d_an = tf.where(tf.gather(has_negative, mined.anchor), d_an, tf.gather(row_min, mined.anchor))
+    hinge = tf.maximum(d_ap - d_an + tf.cast(margin, tf.float32), 0.0)
+    return tf.math.divide_no_nan(tf.reduce_sum(hinge), tf.cast(tf.size(hinge), tf.float32))
 
 
 def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):

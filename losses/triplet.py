@@ -41,11 +41,17 @@ def _per_triplet_loss(d_ap, d_an, margin, soft):
     return tf.maximum(d_ap - d_an + margin, 0.0)
 
 
-def _masked_mean(values, mask):
-    """Mean of `values` where `mask` (bool, same shape); 0 when the mask is empty. float32 scalar."""
-    mask_f = tf.cast(mask, tf.float32)
-    total = tf.reduce_sum(tf.where(mask, values, tf.zeros_like(values)))
-    return tf.math.divide_no_nan(total, tf.reduce_sum(mask_f))
+def _mean(values):
+    """Mean of a 1-D float32 tensor; 0 when it is empty."""
+    return tf.math.divide_no_nan(tf.reduce_sum(values), tf.cast(tf.size(values), tf.float32))
+
+
+def _selected_triplets_loss(d_ap, d_an, margin, soft):
+    """Loss and statistics of one mined triplet per entry of the 1-D d_ap, d_an [T]."""
+    per = _per_triplet_loss(d_ap, d_an, margin, soft)
+    active = tf.cast(d_ap - d_an + margin > 0.0, tf.float32)
+    return _mean(per), {"active_fraction": _mean(active), "mean_d_ap": _mean(d_ap),
+                        "mean_d_an": _mean(d_an)}
 
 
 def triplet_loss_with_stats(labels, embeddings, margin=0.2, distance="squared_l2",
@@ -75,64 +81,67 @@ def triplet_loss_with_stats(labels, embeddings, margin=0.2, distance="squared_l2
     labels = masks.flatten_labels(labels)
     dist = pairwise_distances(embeddings, distance)
     margin_t = tf.cast(margin, tf.float32)
-    pos = masks.positive_mask(labels)
-    neg = masks.negative_mask(labels)
-    num_pairs = tf.reduce_sum(tf.cast(pos, tf.float32))
-
-    if mining in ("semi_hard", "semi_hard_paper"):
-        if mining == "semi_hard":
-            mined = mining_lib.mine_semi_hard(dist, labels)
-        else:
-            mined = mining_lib.mine_semi_hard_paper(dist, labels, margin_t, seed)
-        d_an = tf.gather(dist, mined.negative_index, batch_dims=1)
-        per = _per_triplet_loss(dist, d_an, margin_t, soft)
-        valid = mined.valid
-        loss = _masked_mean(per, valid)
-        active = tf.logical_and(valid, dist - d_an + margin_t > 0.0)
-        stats = {
-            "active_fraction": _masked_mean(tf.cast(active, tf.float32), valid),
-            "mean_d_ap": _masked_mean(dist, valid),
-            "mean_d_an": _masked_mean(d_an, valid),
-            "num_no_semi_hard": tf.reduce_sum(
-                tf.cast(tf.logical_and(valid, tf.logical_not(mined.found)), tf.float32)),
-        }
-    elif mining == "hard":
-        mined = mining_lib.mine_hard(dist, labels)
-        d_ap = tf.gather(dist, mined.positive_index, batch_dims=1)
-        d_an = tf.gather(dist, mined.negative_index, batch_dims=1)
-        per = _per_triplet_loss(d_ap, d_an, margin_t, soft)
-        valid = mined.valid
-        loss = _masked_mean(per, valid)
-        active = tf.logical_and(valid, d_ap - d_an + margin_t > 0.0)
-        stats = {
-            "active_fraction": _masked_mean(tf.cast(active, tf.float32), valid),
-            "mean_d_ap": _masked_mean(d_ap, valid),
-            "mean_d_an": _masked_mean(d_an, valid),
-            "num_no_semi_hard": _count_no_semi_hard(dist, pos, neg),
-        }
-    else:  # "all"
-        mined = mining_lib.mine_all(dist, labels, margin_t)
-        active_total = tf.reduce_sum(mined.active_count)
-        loss = tf.math.divide_no_nan(tf.reduce_sum(mined.active_loss_sum), active_total)
-        # All valid triplets: every positive pair times every negative of its anchor.
-        valid_f = tf.cast(mined.valid, tf.float32)
-        per_pair_negatives = valid_f * mined.negative_count[:, None]
-        num_triplets = tf.reduce_sum(per_pair_negatives)
-        sum_d_ap = tf.reduce_sum(tf.where(mined.valid, dist, 0.0) * mined.negative_count[:, None])
-        sum_d_an = tf.reduce_sum(valid_f * mined.negative_sum[:, None])
-        stats = {
-            "active_fraction": tf.math.divide_no_nan(active_total, num_triplets),
-            "mean_d_ap": tf.math.divide_no_nan(sum_d_ap, num_triplets),
-            "mean_d_an": tf.math.divide_no_nan(sum_d_an, num_triplets),
-            "num_no_semi_hard": _count_no_semi_hard(dist, pos, neg),
-        }
-    stats["num_pairs"] = num_pairs
+    if mining == "all":
+        loss, stats = _batch_all_loss(dist, labels, margin_t)
+    else:
+        anchors, positives, negatives, num_no_semi_hard = _mine_triplets(
+            dist, labels, mining, margin_t, seed)
+        # Only the mined entries of `dist` are read: the gradient is a sparse scatter.
+        d_ap, d_an = mining_lib.triplet_distances(dist, anchors, positives, negatives)
+        loss, stats = _selected_triplets_loss(d_ap, d_an, margin_t, soft)
+        stats["num_no_semi_hard"] = num_no_semi_hard
+    stats["num_pairs"] = _num_positive_pairs(labels)
     stats = {k: tf.stop_gradient(tf.cast(stats[k], tf.float32)) for k in STAT_KEYS}
     return tf.cast(loss, tf.float32), stats
 
 
-def _count_no_semi_hard(dist, pos, neg):
+def _mine_triplets(dist, labels, mining, margin, seed):
+    """One triplet per valid pair (semi-hard) or per valid anchor (hard).
+
+    Returns (anchors, positives, negatives, num_no_semi_hard): int32 [T] indices of the T
+    triplets, and the float32 statistic.
+    """
+    if mining == "hard":
+        mined = mining_lib.mine_hard(dist, labels)
+        anchors = tf.cast(tf.where(mined.valid)[:, 0], tf.int32)
+        positives = tf.gather(mined.positive_index, anchors)
+        negatives = tf.gather(mined.negative_index, anchors)
+        num_no_semi_hard = _count_no_semi_hard(dist, labels)
+    else:
+        if mining == "semi_hard":
+            mined = mining_lib.semi_hard_triplets(dist, labels)
+        else:
+            mined = mining_lib.semi_hard_paper_triplets(dist, labels, margin, seed)
+        anchors, positives, negatives = mined.anchor, mined.positive, mined.negative
+        num_no_semi_hard = tf.reduce_sum(tf.cast(tf.logical_not(mined.found), tf.float32))
+    return anchors, positives, negatives, num_no_semi_hard
+
+
+def _batch_all_loss(dist, labels, margin):
+    """Batch-all loss (mean over triplets with a positive hinge) and its statistics."""
+    totals = mining_lib.batch_all_totals(dist, labels, margin)
+    loss = tf.math.divide_no_nan(totals.active_loss_sum, totals.active_count)
+    return loss, {
+        "active_fraction": tf.math.divide_no_nan(totals.active_count, totals.num_triplets),
+        "mean_d_ap": tf.math.divide_no_nan(totals.sum_d_ap, totals.num_triplets),
+        "mean_d_an": tf.math.divide_no_nan(totals.sum_d_an, totals.num_triplets),
+        "num_no_semi_hard": _count_no_semi_hard(dist, labels),
+    }
+
+
+def _num_positive_pairs(labels):
+    """Number of (a, p) with the same label, a != p: sum over images of (images of its identity
+    - 1), counted in the sorted labels, O(B log B)."""
+    sorted_labels = tf.sort(labels)
+    same = (tf.searchsorted(sorted_labels, labels, side="right")
+            - tf.searchsorted(sorted_labels, labels, side="left"))
+    return tf.cast(tf.reduce_sum(same - 1), tf.float32)
+
+
+def _count_no_semi_hard(dist, labels):
     """Anchor-positive pairs (anchor with >= 1 negative) with no negative farther than d_ap: O(B^2)."""
+    pos = masks.positive_mask(labels)
+    neg = masks.negative_mask(labels)
     max_neg, has_neg = masks.masked_maximum(tf.stop_gradient(dist), neg)
     none = tf.logical_and(tf.logical_and(pos, has_neg[:, None]),
                           tf.stop_gradient(dist) >= max_neg[:, None])

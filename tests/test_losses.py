@@ -214,3 +214,23 @@ def test_layer_fit_reports_stats_and_round_trips(tmp_path):
     assert layer.get_config() == model.get_layer("triplet").get_config()
     np.testing.assert_allclose(restored.predict([x, labels], verbose=0),
                                model.predict([x, labels], verbose=0), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loss_and_gradient_compile_with_xla(strategy):
+    """Keras jit-compiles train steps on GPUs: every strategy and the tfa drop-ins must compile."""
+    emb, labels = random_batch(7)
+    fns = [lambda l, e: losses.triplet_loss(l, e, mining=strategy, seed=3)]
+    if strategy == "semi_hard":
+        fns.append(losses.triplet_semihard_loss)
+    if strategy == "hard":
+        fns.append(losses.triplet_hard_loss)
+    for fn in fns:
+        step = lambda l, e, fn=fn: _loss_and_grad(l, e, fn=lambda l, e, **kw: (fn(l, e), {}))
+        loss, _, grad = tf.function(step, jit_compile=True)(labels, emb)
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(grad.numpy()))
+        if strategy != "semi_hard_paper":  # XLA draws other random numbers
+            ref_loss, _, ref_grad = step(labels, emb)
+            np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+            np.testing.assert_allclose(grad.numpy(), ref_grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -2,6 +2,8 @@
 
 `brute_force` here is also the reference used by tests/test_losses.py.
 """
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -292,3 +294,76 @@ def test_mining_handles_unknown_batch_size_in_graph():
     np.testing.assert_array_equal(
         out.negative_index.numpy(),
         mining.mine_semi_hard(tf.constant(dist), tf.constant(labels)).negative_index.numpy())
+
+
+def _tied_matrix(seed, b=23):
+    """Symmetric matrix of few distinct values (many exact ties, -0.0 and negative entries, as a
+    callable distance may give), zero diagonal, and uneven labels."""
+    rng = np.random.default_rng(seed)
+    values = np.array([-0.5, -0.0, 0.0, 0.25, 0.5, 0.75, 1.0], np.float32)
+    dist = values[rng.integers(0, len(values), size=(b, b))]
+    dist = np.triu(dist, 1)
+    dist = dist + dist.T
+    np.fill_diagonal(dist, 0.0)
+    labels = rng.integers(0, 4, size=b).astype(np.int32)
+    return dist.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mining_with_ties_and_negative_distances_matches_brute_force(seed):
+    dist, labels = _tied_matrix(seed)
+    d, l = tf.constant(dist), tf.constant(labels)
+    semi = mining.mine_semi_hard(d, l)
+    got_all = mining.mine_all(d, l, 0.25)
+    for a, p, negs in _pairs(labels):
+        n, ok = semi_hard_choice(dist, a, p, negs)
+        assert (int(semi.negative_index[a, p]), bool(semi.found[a, p])) == (n, ok), (a, p)
+        act = [m for m in negs if dist[a, m] < np.float32(dist[a, p] + np.float32(0.25))]
+        assert float(got_all.active_count[a, p]) == len(act)
+        np.testing.assert_allclose(float(got_all.active_negative_sum[a, p]),
+                                   sum(float(dist[a, m]) for m in act), atol=1e-5)
+    paper = mining.mine_semi_hard_paper(d, l, 0.5, seed=seed)
+    for a, p, negs in _pairs(labels):
+        window = paper_window(dist, a, p, negs, 0.5)
+        assert bool(paper.found[a, p]) == bool(window)
+        fallback = [semi_hard_choice(dist, a, p, negs)[0]]
+        assert int(paper.negative_index[a, p]) in (window or fallback)
+
+
+def test_sparse_triplets_match_dense_mining():
+    dist, labels = _dist(3)
+    d, l = tf.constant(dist), tf.constant(labels)
+    for sparse, dense in [(mining.semi_hard_triplets(d, l), mining.mine_semi_hard(d, l)),
+                          (mining.semi_hard_paper_triplets(d, l, 0.3, seed=4),
+                           mining.mine_semi_hard_paper(d, l, 0.3, seed=4))]:
+        a, p = sparse.anchor.numpy(), sparse.positive.numpy()
+        np.testing.assert_array_equal(np.stack([a, p], 1), np.argwhere(dense.valid.numpy()))
+        np.testing.assert_array_equal(sparse.negative.numpy(), dense.negative_index.numpy()[a, p])
+        np.testing.assert_array_equal(sparse.found.numpy(), dense.found.numpy()[a, p])
+    totals = mining.batch_all_totals(d, l, 0.2)
+    full = mining.mine_all(d, l, 0.2)
+    valid = full.valid.numpy()
+    np.testing.assert_allclose(float(totals.active_count), full.active_count.numpy().sum())
+    np.testing.assert_allclose(float(totals.active_loss_sum), full.active_loss_sum.numpy().sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(totals.num_triplets),
+                               (valid * full.negative_count.numpy()[:, None]).sum())
+    # Pairs given explicitly (tfa's rule: every positive pair) are mined the same way.
+    pos = losses.positive_mask(l)
+    explicit = mining.semi_hard_triplets(d, l, pair_mask=pos)
+    dense = mining.mine_semi_hard(d, l)
+    np.testing.assert_array_equal(
+        explicit.negative.numpy(),
+        dense.negative_index.numpy()[explicit.anchor.numpy(), explicit.positive.numpy()])
+
+
+@pytest.mark.parametrize("strategy", ["semi_hard_paper", "all"])
+def test_other_strategies_handle_unknown_batch_size_in_graph(strategy):
+    fn = mining.mine_all if strategy == "all" else functools.partial(
+        mining.mine_semi_hard_paper, seed=1)
+    graph = tf.function(lambda d, l: fn(d, l, 0.2), input_signature=[
+        tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32)])
+    dist, labels = _dist(1)
+    for g, e in zip(graph(tf.constant(dist), tf.constant(labels)),
+                    fn(tf.constant(dist), tf.constant(labels), 0.2)):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-6)

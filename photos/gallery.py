@@ -1,0 +1,173 @@
+"""The identify gallery: ``DIR/<person>/<photo>``, embedded once and cached.
+
+Each gallery photo contributes its main face (the one data.align keeps). Embeddings are cached in
+an NPZ (default ``$FACENET_CACHE/galleries/<gallery>-<settings>.npz``, ``~/.cache/facenet`` when
+FACENET_CACHE is unset) keyed per photo on (relative path, size, mtime): a later run re-embeds only
+photos that are new or changed, and forgets removed ones. Photos that gave no face are cached too
+(with their reason), so they are not re-detected on every run; they are re-tried when they change.
+The whole cache is rebuilt when the model (its files' size and mtime) or the crop settings change:
+those are part of the file name and are checked inside it.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from photos.embedding import embed_photos
+from photos.errors import EXIT_EMPTY_GALLERY, Failure, PhotoError
+from photos.files import cache_dir, write_npz
+
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Gallery:
+    """Embedded gallery: row i of ``embeddings`` is ``files[i]`` of person ``people[labels[i]]``.
+
+    ``stats``: images, people, cached, embedded, removed, failed. ``failures``: Failure per photo
+    without a face (cached ones included). ``cache_path``: where it was cached (None: not cached).
+    """
+
+    root: str
+    people: list
+    labels: np.ndarray
+    files: list
+    embeddings: np.ndarray
+    boxes: list
+    failures: list
+    stats: dict
+    cache_path: str = None
+
+
+def _settings_key(model, cropper):
+    return json.dumps({"version": CACHE_VERSION, "model": model.fingerprint(),
+                       "crop": cropper.settings()}, sort_keys=True)
+
+
+def default_cache_path(gallery_dir, model, cropper):
+    root = hashlib.sha1(os.path.realpath(gallery_dir).encode("utf-8")).hexdigest()[:16]
+    settings = hashlib.sha1(_settings_key(model, cropper).encode("utf-8")).hexdigest()[:10]
+    return os.path.join(cache_dir(), "galleries", f"{root}-{settings}.npz")
+
+
+def _file_key(path):
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _load_cache(path, settings):
+    """{rel: entry} from a cache file made with ``settings``; {} when absent, stale or damaged."""
+    if not path or not os.path.isfile(path):
+        return {}, None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            emb = np.asarray(z["embeddings"], np.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        return {}, f"unreadable cache {path} ({exc}); rebuilding"
+    if meta.get("settings") != settings:
+        return {}, None
+    entries = {}
+    for e in meta.get("entries", []):
+        if "row" in e:
+            if not 0 <= e["row"] < len(emb):
+                return {}, f"inconsistent cache {path}; rebuilding"
+            e = dict(e, embedding=emb[e["row"]])
+        entries[e["rel"]] = e
+    return entries, None
+
+
+def _save_cache(path, settings, root, entries):
+    rows, meta_entries = [], []
+    for rel in sorted(entries):
+        e = {k: v for k, v in entries[rel].items() if k != "embedding"}
+        if entries[rel].get("embedding") is not None:
+            e["row"] = len(rows)
+            rows.append(entries[rel]["embedding"])
+        meta_entries.append(e)
+    emb = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    meta = {"version": CACHE_VERSION, "settings": settings, "gallery": os.path.abspath(root),
+            "entries": meta_entries}
+    write_npz(path, meta=np.array(json.dumps(meta)), embeddings=emb)
+
+
+def scan_gallery(gallery_dir):
+    """[(person, path)] of ``gallery_dir/<person>/<image>``; PhotoError (exit 6) when empty."""
+    from data.align import ALIGN_EXTENSIONS
+    from data.dataset import EmptyDatasetError, scan_identity_folder
+
+    if not gallery_dir:
+        raise PhotoError("identify needs --gallery DIR (one folder of photos per person)",
+                         EXIT_EMPTY_GALLERY)
+    try:
+        ds = scan_identity_folder(gallery_dir, extensions=ALIGN_EXTENSIONS)
+    except EmptyDatasetError as exc:
+        raise PhotoError(f"empty gallery {gallery_dir}: {exc}", EXIT_EMPTY_GALLERY) from exc
+    return [(ds.class_names[int(label)], path) for path, label in zip(ds.paths, ds.labels)]
+
+
+def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, progress=True,
+                 items=None):
+    """Embed the gallery, reusing and refreshing the cache. See the module docstring.
+
+    Returns :class:`Gallery`; raises PhotoError (exit 6) when the gallery has no image or no face.
+    """
+    items = items if items is not None else scan_gallery(gallery_dir)
+    settings = _settings_key(model, cropper)
+    if use_cache and cache_path is None:
+        cache_path = default_cache_path(gallery_dir, model, cropper)
+    cached, warning = _load_cache(cache_path, settings) if use_cache else ({}, None)
+    if warning:
+        from absl import logging
+
+        logging.warning(warning)
+    entries, todo = {}, []
+    for person, path in items:
+        rel = os.path.relpath(path, gallery_dir)
+        key = _file_key(path)
+        hit = cached.get(rel)
+        if hit is not None and hit.get("key") == key and hit.get("person") == person:
+            entries[rel] = hit
+        else:
+            entries[rel] = {"rel": rel, "person": person, "key": key}
+            todo.append(path)
+    if todo:
+        result = embed_photos(todo, model, cropper, largest=True, progress=progress)
+        for face, emb in zip(result.faces, result.embeddings):
+            entry = entries[os.path.relpath(face.file, gallery_dir)]
+            entry.update(embedding=emb, box=[float(v) for v in face.box], score=face.score)
+        for failure in result.failures:
+            entry = entries[os.path.relpath(failure.file, gallery_dir)]
+            entry.update(reason=failure.reason, detail=failure.detail)
+    removed = len(set(cached) - set(entries))
+    if use_cache and (todo or removed or not os.path.isfile(cache_path)):
+        try:
+            _save_cache(cache_path, settings, gallery_dir, entries)
+        except OSError as exc:
+            from absl import logging
+
+            logging.warning("could not write the gallery cache %s: %s", cache_path, exc)
+            cache_path = None
+
+    people = sorted({person for person, _ in items})
+    index = {p: i for i, p in enumerate(people)}
+    files, labels, rows, boxes, failures = [], [], [], [], []
+    for person, path in items:
+        e = entries[os.path.relpath(path, gallery_dir)]
+        if e.get("embedding") is None:
+            failures.append(Failure(path, e.get("reason", "error"), e.get("detail", "")))
+            continue
+        files.append(path)
+        labels.append(index[person])
+        rows.append(np.asarray(e["embedding"], np.float32))
+        boxes.append(e.get("box"))
+    stats = {"images": len(items), "people": len(people), "cached": len(items) - len(todo),
+             "embedded": len(todo), "removed": removed, "failed": len(failures),
+             "people_without_face": sorted(set(people) - {people[i] for i in labels})}
+    if not rows:
+        raise PhotoError(f"empty gallery {gallery_dir}: no face found in any of its {len(items)} "
+                         f"photo(s) (e.g. {failures[0].message()})", EXIT_EMPTY_GALLERY)
+    return Gallery(os.path.abspath(gallery_dir), people, np.asarray(labels, np.int64), files,
+                   np.stack(rows), boxes, failures, stats, cache_path if use_cache else None)
