@@ -40,13 +40,13 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data import image_io  # noqa: E402
+from data.atomic import is_partial, write_atomically, write_text_atomically  # noqa: E402
 
 #: File extensions read as images (others are counted as ignored, never opened).
 ALIGN_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".pgm", ".ppm", ".pbm",
                     ".pnm", ".webp", ".gif", ".tif", ".tiff")
 REPORT_NAME = "align_report.tsv"
 DEFAULT_MAX_DECODE_SIDE = 4096
-_TMP_MARK = ".partial-"
 
 AlignJob = collections.namedtuple("AlignJob", "src dst rel")
 
@@ -160,25 +160,14 @@ def write_png_atomic(path, image_rgb):
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda fh: fh.write(buf.tobytes()))
 
 
 def _remove_stale_partials(output_dir):
     removed = 0
     for root, _, files in os.walk(output_dir):
         for name in files:
-            if name.startswith(".") and _TMP_MARK in name:
+            if is_partial(name):
                 os.remove(os.path.join(root, name))
                 removed += 1
     return removed
@@ -338,12 +327,7 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
                                 "thresholds": list(thresholds or detect.DEFAULT_THRESHOLDS)},
                    "coordinates": "upright source pixels; box = [x0, y0, x1, y1]",
                    "images": {rel: records[rel] for rel in sorted(records)}, "counts": result}
-        folder = os.path.dirname(os.path.abspath(detect_only))
-        os.makedirs(folder, exist_ok=True)
-        tmp = detect_only + _TMP_MARK + str(os.getpid())
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-        os.replace(tmp, detect_only)
+        write_text_atomically(detect_only, json.dumps(payload, indent=1))
     return result
 
 

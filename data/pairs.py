@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
+from data.atomic import write_text_atomically
+
 _SEARCH_EXTENSIONS = ("jpg", "png", "jpeg", "bmp", "webp", "pgm", "ppm", "JPG", "PNG", "JPEG")
 
 
@@ -229,10 +231,7 @@ def write_pairs(pairs_file, folds: Sequence[Tuple[Sequence[tuple], Sequence[tupl
             _check_name(name_a)
             _check_name(name_b)
             lines.append(f"{name_a}\t{int(a)}\t{name_b}\t{int(b)}")
-    tmp = f"{os.fspath(pairs_file)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, pairs_file)
+    write_text_atomically(pairs_file, "\n".join(lines) + "\n")
 
 
 def _check_name(name: str) -> None:

@@ -34,6 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from data import augment as augment_lib
+from data.atomic import write_text_atomically
 from data.dataset import EmptyDatasetError, IdentityDataset
 from data.preprocess import preprocess
 
@@ -184,11 +185,7 @@ def _load_validation_cache(cache_path):
 
 
 def _save_validation_cache(cache_path, entries):
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = f"{cache_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": 1, "files": entries}, f)
-    os.replace(tmp, cache_path)
+    write_text_atomically(cache_path, json.dumps({"format": 1, "files": entries}))
 
 
 def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE, cache_path=None

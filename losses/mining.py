@@ -348,10 +348,22 @@ def triplet_distances(dist, anchor, positive, negative):
     return d[:, 0], d[:, 1]
 
 
+def stateless_seed(seed):
+    """A stateless-op seed, int64 [2], from an int or an int tensor of shape [] or [2] (for
+    example `keras.random.SeedGenerator.next()`)."""
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype not in (tf.int32, tf.int64):
+        raise TypeError(f"seed must be an integer or an integer tensor, got {seed.dtype}.")
+    seed = tf.cast(seed, tf.int64)
+    if seed.shape.rank == 0:
+        seed = tf.stack([seed, tf.constant(0, tf.int64)])
+    return tf.reshape(seed, [2])
+
+
 def _uniform(shape, seed):
     if seed is None:
         return tf.random.uniform(shape, dtype=tf.float32)
-    return tf.random.stateless_uniform(shape, seed=[int(seed), 0], dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, seed=stateless_seed(seed), dtype=tf.float32)
 
 
 def _semi_hard_paper_triplets(dist, labels, margin, seed):
@@ -392,8 +404,10 @@ def mine_semi_hard_paper(dist, labels, margin=0.2, seed=None):
 
     Args:
       dist: float32 [B, B]. labels: int [B]. margin: float alpha, window width.
-      seed: None for a fresh draw each call, or an int for a reproducible (stateless) draw; the
-        draw of pair (a, p) is u[a, p] of one uniform [B, B] matrix.
+      seed: None for a fresh draw each call, or an int (or int tensor [2]) for a reproducible
+        (stateless) draw; the draw of pair (a, p) is u[a, p] of one uniform [B, B] matrix. The
+        same seed gives the same matrix: to draw afresh each step, pass a new seed each step
+        (`TripletLoss(seed=...)` does, with a `keras.random.SeedGenerator`).
     Returns:
       PairMining; `found` marks pairs whose window was non-empty.
     """

@@ -27,7 +27,7 @@ import tensorflow as tf
 from losses import masks
 from losses.distances import (DISTANCES, _to_float32, pairwise_distances, safe_sqrt,
                               squared_l2_distances)
-from losses.mining import PairMining
+from losses.mining import PairMining, stateless_seed
 
 SAMPLED_LOSSES = ("margin", "triplet")
 
@@ -41,17 +41,6 @@ def _masked_mean(values, mask):
     """Mean of `values` where `mask` (bool, same shape); 0 if the mask is empty. float32 scalar."""
     total = tf.reduce_sum(tf.where(mask, values, tf.zeros_like(values)))
     return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(mask, values.dtype)))
-
-
-def _stateless_seed(seed):
-    """A stateless seed, int64 [2], from an int or an int tensor of shape [] or [2]."""
-    seed = tf.convert_to_tensor(seed)
-    if seed.dtype not in (tf.int32, tf.int64):
-        raise TypeError(f"seed must be an integer or an integer tensor, got {seed.dtype}.")
-    seed = tf.cast(seed, tf.int64)
-    if seed.shape.rank == 0:
-        seed = tf.stack([seed, tf.constant(0, tf.int64)])
-    return tf.reshape(seed, [2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +227,7 @@ def distance_weighted_sampling(dist, labels, dim, cutoff=0.5, nonzero_loss_cutof
     if seed is None:
         draws = tf.random.categorical(logits, num, dtype=tf.int32)
     else:
-        draws = tf.random.stateless_categorical(logits, num, seed=_stateless_seed(seed),
+        draws = tf.random.stateless_categorical(logits, num, seed=stateless_seed(seed),
                                                 dtype=tf.int32)
     valid = tf.logical_and(masks.positive_mask(labels), has_negative[:, None])
     found = tf.logical_and(valid, has_weight[:, None])
@@ -308,44 +297,42 @@ class _BatchLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
 
+class _MarginDistanceLoss(_BatchLoss):
+    """Base: a Keras form of a pure function `fn(labels, embeddings, margin=, distance=)`."""
+
+    _function = None  # staticmethod in each subclass
+    _default_name = None
+
+    def __init__(self, margin=1.0, distance="l2", name=None, reduction="sum_over_batch_size",
+                 dtype=None):
+        _check_distance(distance)
+        super().__init__(name=name or self._default_name, reduction=reduction, dtype=dtype)
+        self.margin = float(margin)
+        self.distance = distance
+
+    def call(self, y_true, y_pred):
+        return self._function(y_true, y_pred, margin=self.margin, distance=self.distance)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, distance=self.distance)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="facenet")
-class ContrastiveLoss(_BatchLoss):
+class ContrastiveLoss(_MarginDistanceLoss):
     """Keras form of `contrastive_loss`: `loss(y_true=labels, y_pred=embeddings)` -> scalar."""
 
-    def __init__(self, margin=1.0, distance="l2", name="contrastive_loss",
-                 reduction="sum_over_batch_size", dtype=None):
-        _check_distance(distance)
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.margin = float(margin)
-        self.distance = distance
-
-    def call(self, y_true, y_pred):
-        return contrastive_loss(y_true, y_pred, margin=self.margin, distance=self.distance)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, distance=self.distance)
-        return config
+    _function = staticmethod(contrastive_loss)
+    _default_name = "contrastive_loss"
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class LiftedStructuredLoss(_BatchLoss):
+class LiftedStructuredLoss(_MarginDistanceLoss):
     """Keras form of `lifted_structured_loss`."""
 
-    def __init__(self, margin=1.0, distance="l2", name="lifted_structured_loss",
-                 reduction="sum_over_batch_size", dtype=None):
-        _check_distance(distance)
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.margin = float(margin)
-        self.distance = distance
-
-    def call(self, y_true, y_pred):
-        return lifted_structured_loss(y_true, y_pred, margin=self.margin, distance=self.distance)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, distance=self.distance)
-        return config
+    _function = staticmethod(lifted_structured_loss)
+    _default_name = "lifted_structured_loss"
 
 
 @keras.saving.register_keras_serializable(package="facenet")

@@ -65,7 +65,8 @@ def triplet_loss_with_stats(labels, embeddings, margin=0.2, distance="squared_l2
       distance: "squared_l2" | "l2" | "cosine" | callable [B, D] -> [B, B].
       mining: "semi_hard" | "semi_hard_paper" | "hard" | "all" (see `losses.mining`).
       soft: softplus instead of hinge (not with "all").
-      seed: int for reproducible "semi_hard_paper" draws; None draws fresh randomness.
+      seed: for "semi_hard_paper": None draws fresh randomness; an int or int tensor [2] is a
+        stateless seed (the same seed draws the same [B, B] uniforms).
     Returns:
       (loss, stats): float32 scalar and a dict of float32 scalars:
         active_fraction: fraction of mined triplets with d_ap - d_an + margin > 0 (for "all": of
@@ -156,6 +157,25 @@ def triplet_loss(labels, embeddings, margin=0.2, distance="squared_l2", mining="
     return loss
 
 
+def _seed_arg(seed):
+    return None if seed is None else int(seed)
+
+
+def _seed_generator(seed, mining):
+    """A `keras.random.SeedGenerator` for the paper window's draws when seeded, else None.
+
+    Each call then draws with the generator's next seed: successive batches get fresh draws and
+    the whole sequence is reproducible from `seed`.
+    """
+    if seed is None or mining != "semi_hard_paper":
+        return None
+    return keras.random.SeedGenerator(seed)
+
+
+def _next_seed(generator):
+    return None if generator is None else generator.next()
+
+
 @keras.saving.register_keras_serializable(package="facenet")
 class TripletLoss(keras.losses.Loss):
     """Keras loss: `loss(y_true=labels [B] int, y_pred=embeddings [B, D])` -> float32 scalar.
@@ -175,11 +195,13 @@ class TripletLoss(keras.losses.Loss):
         self.distance = distance
         self.mining = mining
         self.soft = bool(soft)
-        self.seed = seed
+        self.seed = _seed_arg(seed)
+        self._seed_generator = _seed_generator(self.seed, mining)
 
     def call(self, y_true, y_pred):
         return triplet_loss(y_true, y_pred, margin=self.margin, distance=self.distance,
-                            mining=self.mining, soft=self.soft, seed=self.seed)
+                            mining=self.mining, soft=self.soft,
+                            seed=_next_seed(self._seed_generator))
 
     def get_config(self):
         config = super().get_config()

@@ -234,3 +234,25 @@ def test_loss_and_gradient_compile_with_xla(strategy):
             ref_loss, _, ref_grad = step(labels, emb)
             np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
             np.testing.assert_allclose(grad.numpy(), ref_grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["loss", "layer"])
+def test_seeded_paper_window_draws_afresh_each_call_and_repeats_from_the_seed(wrap):
+    """TripletLoss / TripletLossLayer with an int seed: a new draw per batch, same sequence per seed."""
+    emb, labels = random_batch(2, sizes=(12, 10, 11), dim=3, clustered=False)
+
+    def run(seed):
+        if wrap == "loss":
+            loss = losses.TripletLoss(mining="semi_hard_paper", margin=2.0, seed=seed)
+            return [float(loss(y_true=labels, y_pred=emb)) for _ in range(6)]
+        layer = losses.TripletLossLayer(mining="semi_hard_paper", margin=2.0, seed=seed)
+        values = []
+        for _ in range(6):
+            layer([tf.constant(emb), tf.constant(labels)])
+            values.append(float(layer.losses[-1]))  # losses of the last call only
+        return values
+
+    first, again = run(7), run(7)
+    np.testing.assert_allclose(first, again, rtol=1e-6)
+    assert len(set(np.round(first, 6))) > 1, first   # successive calls draw different negatives
+    assert not np.allclose(first, run(8))

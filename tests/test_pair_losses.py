@@ -12,23 +12,13 @@ import tensorflow as tf
 import keras
 from losses import pair_losses as pl
 from losses.distances import DISTANCES, pairwise_distances
+from tests.test_mining import random_batch
 
 PAIR_LOSSES = {
     "contrastive": pl.contrastive_loss,
     "lifted": pl.lifted_structured_loss,
     "trihard": pl.trihard_loss,
 }
-
-
-def random_batch(seed, sizes=(5, 1, 3, 7, 2, 4), dim=8, clustered=True):
-    """Uneven identities (one singleton), unit embeddings, shuffled; float32 [B, D], int32 [B]."""
-    rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)]).astype(np.int32)
-    rng.shuffle(labels)
-    centers = rng.normal(size=(len(sizes), dim))
-    emb = rng.normal(size=(len(labels), dim)) + (1.5 * centers[labels] if clustered else 0)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb.astype(np.float32), labels
 
 
 # ----------------------------------------------------------------------------- references

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+from data.atomic import write_text_atomically
+
 CONFIG_NAME = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -60,11 +62,7 @@ def save_run_config(model_dir, config, extra=None):
     d = config.to_json()
     if extra:
         d.update(extra)
-    path = config_path(model_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomically(config_path(model_dir), json.dumps(d, indent=2, sort_keys=True))
 
 
 def check_compatible(stored, requested):
