@@ -141,22 +141,33 @@ def markdown_table(rows, args):
     return "\n".join(lines) + "\n"
 
 
+_METRIC_FLAGS = {"--loss=trihard", "--loss=contrastive", "--loss=lifted",
+                 "--loss=distance_weighted"}
+
+
 def plot(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    # One colour per method (tab20), and the line style tells the family apart: triplet mining
+    # solid, other metric losses dashed, classification heads dotted.
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for i, r in enumerate(rows):
         if r.get("curve"):
             t, acc = zip(*r["curve"])
-            ax.plot(t, acc, marker="o", markersize=3, label=r["method"])
+            family = METHODS.get(r["method"], [""])[0]
+            style = ("-" if family == "--loss=triplet" else
+                     "--" if family in _METRIC_FLAGS else ":")
+            ax.plot(t, acc, style, color=colours[i % len(colours)], marker="o", markersize=3,
+                    linewidth=1.6, label=r["method"])
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("held-out 10-fold verification accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
