@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from data import align, detect
+from data.atomic import PARTIAL_MARK
 from data.detect import Face, crop_face, select_face, similarity_transform
 
 
@@ -317,7 +318,7 @@ def test_write_png_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "d")) == ["x.png"]  # no y.png, no temp file
     monkeypatch.undo()
     # A temp file from a killed run is cleaned up and never counted as an output.
-    stale = tmp_path / "out" / "alice" / f".z.png{align._TMP_MARK}999"
+    stale = tmp_path / "out" / "alice" / f".z.png{PARTIAL_MARK}999"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"\x89PNG partial")
     raw = tmp_path / "raw"
