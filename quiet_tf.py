@@ -6,8 +6,32 @@ variables and silences file descriptor 2 only while the shared libraries load; e
 import itself still propagate, and stderr is restored before anything else runs.
 Set ``FACENET_VERBOSE_TF=1`` to see everything.
 """
+import logging
 import os
 import sys
+
+_LIBRARIES = ("tensorflow", "keras", "tf_keras")
+
+
+class _LibraryInfoFilter(logging.Filter):
+    """Drops INFO and DEBUG records logged by TensorFlow's or Keras' own modules through absl
+    (e.g. "Sharding callback duration" on every checkpoint save, SavedModel signature renames);
+    warnings and errors, and every record of this project, pass."""
+
+    def filter(self, record):
+        if record.levelno >= logging.WARNING:
+            return True
+        path = os.path.normpath(record.pathname or "")
+        return not any(f"{os.sep}{packages}{os.sep}{lib}{os.sep}" in path
+                       for packages in ("site-packages", "dist-packages") for lib in _LIBRARIES)
+
+
+def _quiet_library_info():
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter())
 
 
 def import_tensorflow(before_first_op=None):
@@ -17,6 +41,7 @@ def import_tensorflow(before_first_op=None):
     (which initialises the devices): the place for ``tf.config`` device set-up.
     """
     if "tensorflow" in sys.modules:
+        _quiet_library_info()
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if os.environ.get("FACENET_VERBOSE_TF"):
@@ -41,4 +66,5 @@ def import_tensorflow(before_first_op=None):
         os.close(saved)
         os.close(devnull)
     tf.get_logger().setLevel("WARNING")  # e.g. the checkpoint saver's per-save INFO lines
+    _quiet_library_info()
     return tf
