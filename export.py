@@ -9,7 +9,9 @@ Signatures of the export:
   with decode, resize to H x W and the same preprocessing in-graph.
 
 Also stored: ``assets/facenet.json`` (model name, image size, embedding size, preprocessing, the
-validation-chosen verification threshold in squared L2 distance) and, as attributes of the loaded
+validation-chosen verification threshold in squared L2 distance, and ``crop``: how the training
+faces were cut from photos, from the aligned folder's align_settings.json, or null) and, as
+attributes of the loaded
 object, ``threshold`` (float32 scalar variable, NaN when unknown) and ``image_size`` (int32 [2]).
 """
 import json
@@ -122,13 +124,18 @@ def restore_backbone(model_dir, checkpoint=None):
     return backbone, config, path
 
 
-def stored_threshold(model_dir):
-    """The validation-chosen threshold train.py recorded in model_dir/metrics.json, or None."""
+def stored_metrics(model_dir):
+    """What train.py recorded in model_dir/metrics.json (threshold, crop, ...), or {}."""
     path = os.path.join(model_dir, "metrics.json")
     if not os.path.exists(path):
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f).get("threshold")
+        return json.load(f)
+
+
+def stored_threshold(model_dir):
+    """The validation-chosen threshold train.py recorded in model_dir/metrics.json, or None."""
+    return stored_metrics(model_dir).get("threshold")
 
 
 def main(argv):
@@ -145,7 +152,7 @@ def main(argv):
 
     meta = {"model": config.model, "embedding_size": config.embedding_size,
             "normalization": config.normalization, "preprocessing": PREPROCESS_NAME,
-            "checkpoint": os.path.basename(ckpt)}
+            "checkpoint": os.path.basename(ckpt), "crop": stored_metrics(FLAGS.model_dir).get("crop")}
     export_saved_model(backbone, export_dir, config.image_size, meta, threshold)
     print(json.dumps({"export_dir": export_dir, "checkpoint": ckpt, "threshold": threshold}))
 

@@ -8,8 +8,8 @@
                     [--linkage complete]
 
 Faces are found with MTCNN and cropped exactly as ``python -m data.align`` crops training data
-(--crop_size, --crop_margin and --alignment take its --image_size, --margin and --align; the
-defaults are the same); --detector=none takes every file as an already-aligned face. Distances
+(--crop_size, --crop_margin and --alignment take its --image_size, --margin and --align; by
+default, the values the export records for its training data, else data.align's defaults); --detector=none takes every file as an already-aligned face. Distances
 are squared L2; the threshold is the one stored in the export unless --threshold is given.
 --json prints one JSON object instead of text; progress goes to stderr.
 
@@ -36,11 +36,27 @@ for _name in sorted(set(FLAGS) - _COMMON) + ["export_dir", "batch_size"]:
 COMMANDS = ("embed", "verify", "identify", "cluster")
 
 
+def _crop_options():
+    """--crop_size, --crop_margin, --alignment: given on the command line, else the crop the
+    export records (train.py copies the aligned folder's align_settings.json), else data.align's
+    defaults (the flags' defaults)."""
+    from photos.model import read_metadata
+
+    stored = (read_metadata(FLAGS.export_dir) or {}).get("crop") or {}
+    options = {}
+    for flag, key in (("crop_size", "crop_size"), ("crop_margin", "margin"),
+                      ("alignment", "alignment")):
+        given = FLAGS[flag].present or key not in stored
+        options[flag] = FLAGS[flag].value if given else stored[key]
+    return options
+
+
 def _cropper():
     from photos.detection import FaceCropper
 
-    return FaceCropper(detector=FLAGS.detector, crop_size=FLAGS.crop_size,
-                       margin=FLAGS.crop_margin, mode=FLAGS.alignment,
+    options = _crop_options()
+    return FaceCropper(detector=FLAGS.detector, crop_size=int(options["crop_size"]),
+                       margin=float(options["crop_margin"]), mode=options["alignment"],
                        min_face_size=FLAGS.min_face_size)
 
 

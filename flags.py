@@ -189,10 +189,13 @@ def define_faces_flags():
                       "aligned face crop.")
     flags.DEFINE_integer("crop_size", 160,
                          "Side of the face crop before the model's resize, as data.align's "
-                         "--image_size (use the values the training data was aligned with).")
-    flags.DEFINE_float("crop_margin", 32, "Margin of the face crop, as data.align's --margin.")
+                         "--image_size (default: the value the export records for its training "
+                         "data, else 160).")
+    flags.DEFINE_float("crop_margin", 32, "Margin of the face crop, as data.align's --margin "
+                       "(default: the export's recorded value, else 32).")
     flags.DEFINE_enum("alignment", "box", ("box", "landmarks"),
-                      "Face crop, as data.align's --align: box + margin, or 5-point warp.")
+                      "Face crop, as data.align's --align: box + margin, or 5-point warp "
+                      "(default: the export's recorded value, else box).")
     flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).",
                          allow_override=True)
     flags.DEFINE_boolean("largest", False,

@@ -83,8 +83,11 @@ def _resolve_data(image_size):
     if val_set is None:
         dataset, held_out = split_identities(dataset, FLAGS.val_fraction, FLAGS.seed)
         val_set = validation.from_identity_dataset(held_out, seed=FLAGS.seed)
+    from data.align import read_crop_settings
+
     return dataset, val_set, {"data": FLAGS.data_dir, "identities": dataset.num_classes,
-                              "images": len(dataset), "skipped": len(skipped)}
+                              "images": len(dataset), "skipped": len(skipped),
+                              "crop": read_crop_settings(FLAGS.data_dir)}
 
 
 def _configure_devices(tf):
@@ -252,7 +255,7 @@ def _export(trainer, threshold, desc):
 
     meta = {"model": trainer.config.model, "embedding_size": trainer.config.embedding_size,
             "normalization": trainer.config.normalization, "preprocessing": PREPROCESS_NAME,
-            "step": trainer.step, "data": desc.get("data")}
+            "step": trainer.step, "data": desc.get("data"), "crop": desc.get("crop")}
     return export_saved_model(trainer.backbone, os.path.join(FLAGS.model_dir, "export"),
                               trainer.config.image_size, meta, threshold)
 

@@ -46,6 +46,9 @@ from data.atomic import is_partial, write_atomically, write_text_atomically  # n
 ALIGN_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".pgm", ".ppm", ".pbm",
                     ".pnm", ".webp", ".gif", ".tif", ".tiff")
 REPORT_NAME = "align_report.tsv"
+#: Written beside the aligned tree: how its crops were made, so that train.py can record it in
+#: the export and faces.py can crop new photos the same way.
+SETTINGS_NAME = "align_settings.json"
 DEFAULT_MAX_DECODE_SIDE = 4096
 
 AlignJob = collections.namedtuple("AlignJob", "src dst rel")
@@ -328,7 +331,32 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
                    "coordinates": "upright source pixels; box = [x0, y0, x1, y1]",
                    "images": {rel: records[rel] for rel in sorted(records)}, "counts": result}
         write_text_atomically(detect_only, json.dumps(payload, indent=1))
+    else:
+        write_text_atomically(os.path.join(output_dir, SETTINGS_NAME),
+                              json.dumps(crop_settings(image_size, margin, mode), indent=1) + "\n")
     return result
+
+
+def crop_settings(image_size, margin, mode):
+    """The crop description stored in ``align_settings.json`` and in an export's metadata."""
+    return {"detector": "mtcnn", "crop_size": int(image_size), "margin": float(margin),
+            "alignment": mode}
+
+
+def read_crop_settings(aligned_dir):
+    """``aligned_dir/align_settings.json`` as a dict, or None when the folder has none (not made
+    by this module, or made before it wrote one) or it is unreadable."""
+    path = os.path.join(os.fspath(aligned_dir), SETTINGS_NAME)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            settings = json.load(fh)
+        return {"detector": str(settings["detector"]), "crop_size": int(settings["crop_size"]),
+                "margin": float(settings["margin"]), "alignment": str(settings["alignment"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"data.align: ignoring unreadable {path}", file=sys.stderr)
+        return None
 
 
 def _define_flags():

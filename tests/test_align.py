@@ -250,8 +250,8 @@ def test_run_alignment_counts_report_and_resume(tmp_path):
                                 + res["error"] + res["skipped_existing"])
     files = sorted(os.path.relpath(os.path.join(r, f), out)
                    for r, _, fs in os.walk(out) for f in fs)
-    assert files == sorted(["align_report.tsv", "alice/a1.png", "alice/a1_png.png",
-                            "alice/a2.png", "bob/b1.png"])
+    assert files == sorted(["align_report.tsv", "align_settings.json", "alice/a1.png",
+                            "alice/a1_png.png", "alice/a2.png", "bob/b1.png"])
     crop = np.asarray(Image.open(out / "alice" / "a2.png"))
     assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
     with open(out / "align_report.tsv") as fh:
@@ -279,6 +279,12 @@ def test_run_alignment_landmarks_mode_and_flat_folder(tmp_path):
                               detector=FakeDetector(), progress=False)
     assert res["aligned"] == 2
     assert np.asarray(Image.open(out / "x.png")).shape == (48, 48, 3)
+    # The crop is recorded beside the tree (train.py copies it into the export for faces.py).
+    assert align.read_crop_settings(out) == {"detector": "mtcnn", "crop_size": 48, "margin": 8.0,
+                                             "alignment": "landmarks"}
+    assert align.read_crop_settings(raw) is None
+    (raw / align.SETTINGS_NAME).write_text("{not json")
+    assert align.read_crop_settings(raw) is None
     with pytest.raises(ValueError):
         align.run_alignment(raw, out, mode="bogus", detector=FakeDetector(), progress=False)
 

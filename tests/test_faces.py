@@ -345,6 +345,33 @@ def test_faces_flag_group_lives_with_the_others():
         assert name in absl_flags.FLAGS
 
 
+def test_crop_defaults_come_from_the_export_unless_given(tmp_path):
+    """faces.py crops as the export's training data was aligned; a flag on the command line wins."""
+    from absl import flags as absl_flags
+    from absl.testing import flagsaver
+
+    import faces
+
+    assets = tmp_path / "export" / "assets"
+    assets.mkdir(parents=True)
+    crop = {"detector": "mtcnn", "crop_size": 112, "margin": 16.0, "alignment": "landmarks"}
+    (assets / "facenet.json").write_text(json.dumps({"model": "tiny", "crop": crop}))
+    bare = tmp_path / "bare" / "assets"
+    bare.mkdir(parents=True)
+    (bare / "facenet.json").write_text(json.dumps({"model": "tiny"}))
+    with flagsaver.flagsaver():
+        absl_flags.FLAGS(["faces.py", f"--export_dir={tmp_path / 'export'}"])
+        assert faces._crop_options() == {"crop_size": 112, "crop_margin": 16.0,
+                                         "alignment": "landmarks"}
+    with flagsaver.flagsaver():
+        absl_flags.FLAGS(["faces.py", f"--export_dir={tmp_path / 'export'}", "--crop_size=160"])
+        assert faces._crop_options()["crop_size"] == 160
+        assert faces._crop_options()["alignment"] == "landmarks"
+    with flagsaver.flagsaver():
+        absl_flags.FLAGS(["faces.py", f"--export_dir={tmp_path / 'bare'}"])
+        assert faces._crop_options() == {"crop_size": 160, "crop_margin": 32.0, "alignment": "box"}
+
+
 # ----------------------------------------------------------------------------- fast: CLI exits
 def test_cli_error_exits_before_tensorflow(tmp_path):
     face = _save(tmp_path / "face.png", _colour_image((200, 150, 120), 0, 64))

@@ -13,8 +13,13 @@ import time
 import numpy as np
 import pytest
 
+from data.align import SETTINGS_NAME
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
+
+
+ALIGN_CROP = {"detector": "mtcnn", "crop_size": 112, "margin": 16.0, "alignment": "landmarks"}
 
 
 def _env():
@@ -32,6 +37,9 @@ def faces(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces")
     info = generate_dataset(str(root), identities=24, images_per_identity=6, image_size=32,
                             seed=7, heldout_identities=8, workers=1)
+    # As if `python -m data.align` had made the training folder: the export must record its crop.
+    with open(os.path.join(info["train_dir"], SETTINGS_NAME), "w", encoding="utf-8") as f:
+        json.dump(ALIGN_CROP, f)
     return info
 
 
@@ -186,6 +194,7 @@ def test_export_round_trip_without_project_imports(trained, tmp_path):
     meta = read_export_metadata(export_dir)
     assert meta["model"] == "tiny" and meta["image_size"] == [32, 32]
     assert meta["threshold"] is not None and np.isfinite(meta["threshold"])
+    assert meta["crop"] == ALIGN_CROP
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(5, 32, 32, 3)).astype(np.float32)
@@ -232,6 +241,9 @@ def test_export_cli_from_checkpoint(trained, tmp_path):
     assert info["export_dir"] == os.path.abspath(out_dir)
     assert info["threshold"] == pytest.approx(_metrics(trained)["threshold"])
     assert os.path.exists(os.path.join(out_dir, "saved_model.pb"))
+    from export import read_export_metadata
+
+    assert read_export_metadata(out_dir)["crop"] == ALIGN_CROP
 
 
 def test_projector_files_valid(trained):
