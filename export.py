@@ -133,9 +133,13 @@ def stored_metrics(model_dir):
         return json.load(f)
 
 
-def stored_threshold(model_dir):
-    """The validation-chosen threshold train.py recorded in model_dir/metrics.json, or None."""
-    return stored_metrics(model_dir).get("threshold")
+def export_metadata(config, **extra):
+    """The ``assets/facenet.json`` fields of a run's backbone (``config``: its RunConfig), plus
+    ``extra`` (step or checkpoint, data, crop)."""
+    from data.preprocess import PREPROCESS_NAME
+
+    return {"model": config.model, "embedding_size": config.embedding_size,
+            "normalization": config.normalization, "preprocessing": PREPROCESS_NAME, **extra}
 
 
 def main(argv):
@@ -146,13 +150,10 @@ def main(argv):
     if not FLAGS.model_dir:
         sys.exit("export.py: --model_dir is required")
     backbone, config, ckpt = restore_backbone(FLAGS.model_dir, FLAGS.checkpoint)
-    threshold = FLAGS.threshold if FLAGS.threshold is not None else stored_threshold(FLAGS.model_dir)
+    recorded = stored_metrics(FLAGS.model_dir)
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else recorded.get("threshold")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
-    from data.preprocess import PREPROCESS_NAME
-
-    meta = {"model": config.model, "embedding_size": config.embedding_size,
-            "normalization": config.normalization, "preprocessing": PREPROCESS_NAME,
-            "checkpoint": os.path.basename(ckpt), "crop": stored_metrics(FLAGS.model_dir).get("crop")}
+    meta = export_metadata(config, checkpoint=os.path.basename(ckpt), crop=recorded.get("crop"))
     export_saved_model(backbone, export_dir, config.image_size, meta, threshold)
     print(json.dumps({"export_dir": export_dir, "checkpoint": ckpt, "threshold": threshold}))
 

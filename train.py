@@ -250,12 +250,10 @@ def _write_projector(trainer, val_set, log_dir, emb=None):
 
 
 def _export(trainer, threshold, desc):
-    from data.preprocess import PREPROCESS_NAME
-    from export import export_saved_model
+    from export import export_metadata, export_saved_model
 
-    meta = {"model": trainer.config.model, "embedding_size": trainer.config.embedding_size,
-            "normalization": trainer.config.normalization, "preprocessing": PREPROCESS_NAME,
-            "step": trainer.step, "data": desc.get("data"), "crop": desc.get("crop")}
+    meta = export_metadata(trainer.config, step=trainer.step, data=desc.get("data"),
+                           crop=desc.get("crop"))
     return export_saved_model(trainer.backbone, os.path.join(FLAGS.model_dir, "export"),
                               trainer.config.image_size, meta, threshold)
 
@@ -290,11 +288,11 @@ def main(argv):
     train_source, val_set, desc = _resolve_data(image_size)
     total_steps = _total_steps()
     strategy = _strategy(tf)
-    from training.objectives import METRIC_LOSSES
+    from training.objectives import needs_classes
 
-    needs_classes = FLAGS.loss not in ("triplet",) + METRIC_LOSSES or FLAGS.pretrain_softmax_steps
+    with_classifier = needs_classes(FLAGS.loss, FLAGS.pretrain_softmax_steps)
     trainer = Trainer(tf, config, strategy, total_steps,
-                      _num_classes(train_source) if needs_classes else None)
+                      _num_classes(train_source) if with_classifier else None)
     resumed = trainer.restore(weights_only=FLAGS.projector_only)
     log_dir = os.path.join(FLAGS.model_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))

@@ -26,6 +26,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # name -> train.py flags. Heads over a few hundred identities use s = 30 (s = 64 is meant for
 # tens of thousands of classes); every method shares the optimiser and learning rate.
@@ -141,15 +142,16 @@ def markdown_table(rows, args):
     return "\n".join(lines) + "\n"
 
 
-_METRIC_FLAGS = {"--loss=trihard", "--loss=contrastive", "--loss=lifted",
-                 "--loss=distance_weighted"}
-
-
 def plot(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from quiet_tf import import_tensorflow
+
+    import_tensorflow()  # training.objectives imports TensorFlow: without its start-up banner
+    from training.objectives import METRIC_LOSSES
 
     # One colour per method (tab20), and the line style tells the family apart: triplet mining
     # solid, other metric losses dashed, classification heads dotted.
@@ -158,9 +160,8 @@ def plot(rows, path, title):
     for i, r in enumerate(rows):
         if r.get("curve"):
             t, acc = zip(*r["curve"])
-            family = METHODS.get(r["method"], [""])[0]
-            style = ("-" if family == "--loss=triplet" else
-                     "--" if family in _METRIC_FLAGS else ":")
+            loss = METHODS.get(r["method"], ["--loss="])[0].split("=", 1)[1]
+            style = "-" if loss == "triplet" else "--" if loss in METRIC_LOSSES else ":"
             ax.plot(t, acc, style, color=colours[i % len(colours)], marker="o", markersize=3,
                     linewidth=1.6, label=r["method"])
     ax.set_xlabel("training time (s)")

@@ -115,9 +115,9 @@ class _ImageLocator:
         if self.fixed is not None:
             path = f"{stem}.{self.fixed}"
             return path, os.path.isfile(path)
-        order = ([self.last] if self.last else []) + [e for e in _SEARCH_EXTENSIONS if e != self.last]
         if stem in self.missing:
             return self.missing[stem], False
+        order = ([self.last] if self.last else []) + [e for e in _SEARCH_EXTENSIONS if e != self.last]
         for e in order:
             path = f"{stem}.{e}"
             if os.path.isfile(path):

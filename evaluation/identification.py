@@ -75,10 +75,11 @@ def split_gallery_probes(labels, impostor_fraction=0.2, gallery="first", seed=0)
             "num_gallery_only_identities": gallery_only}
 
 
-def _sq_dists(a, b):
-    """Squared L2 distance, float64 [len(a), len(b)], clipped at 0."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
+def squared_distances(a, b):
+    """Squared L2 distance (FaceNet's D, the threshold's units), float64 [len(a), len(b)],
+    clipped at 0."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
     d = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d, 0.0)
 
@@ -95,7 +96,7 @@ def rank_of_true_identity(probe_emb, probe_labels, gallery_emb, gallery_labels, 
     nearest = np.empty(len(probe_emb), dtype=np.float64)
     nearest_label = np.empty(len(probe_emb), dtype=gallery_labels.dtype)
     for s in range(0, len(probe_emb), chunk):
-        d = _sq_dists(probe_emb[s:s + chunk], gallery_emb)
+        d = squared_distances(probe_emb[s:s + chunk], gallery_emb)
         arg = np.argmin(d, axis=1)
         nearest[s:s + chunk] = d[np.arange(len(d)), arg]
         nearest_label[s:s + chunk] = gallery_labels[arg]

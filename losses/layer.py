@@ -11,8 +11,8 @@ embeddings unchanged.
 import keras
 import tensorflow as tf
 
-from losses.triplet import (STAT_KEYS, _check_args, _next_seed, _seed_arg, _seed_generator,
-                            triplet_loss_with_stats)
+from losses.mining import next_seed, seed_generator
+from losses.triplet import STAT_KEYS, _check_args, triplet_loss_with_stats
 
 
 @keras.saving.register_keras_serializable(package="facenet")
@@ -29,15 +29,16 @@ class TripletLossLayer(keras.layers.Layer):
         self.distance = distance
         self.mining = mining
         self.soft = bool(soft)
-        self.seed = _seed_arg(seed)
-        self._seed_generator = _seed_generator(self.seed, mining)
+        self.seed = None if seed is None else int(seed)
+        # As TripletLoss: only the paper window draws, with a new seed per call.
+        self._seed_generator = seed_generator(self.seed if mining == "semi_hard_paper" else None)
         self.stat_trackers = [keras.metrics.Mean(name=key) for key in STAT_KEYS]
 
     def call(self, inputs):
         embeddings, labels = inputs
         loss, stats = triplet_loss_with_stats(
             labels, embeddings, margin=self.margin, distance=self.distance, mining=self.mining,
-            soft=self.soft, seed=_next_seed(self._seed_generator))
+            soft=self.soft, seed=next_seed(self._seed_generator))
         self.add_loss(loss)
         for key, tracker in zip(STAT_KEYS, self.stat_trackers):
             tracker.update_state(stats[key])

@@ -35,6 +35,7 @@ tables (K <= B). Everything compiles with XLA (Keras jit-compiles train steps on
 """
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
 from losses import masks
@@ -358,6 +359,21 @@ def stateless_seed(seed):
     if seed.shape.rank == 0:
         seed = tf.stack([seed, tf.constant(0, tf.int64)])
     return tf.reshape(seed, [2])
+
+
+def seed_generator(seed):
+    """A `keras.random.SeedGenerator(seed)` for a loss that draws at every call, or None.
+
+    Each call then passes `next_seed(generator)` to a stateless draw: successive batches get fresh
+    samples and the whole sequence is reproducible from the int `seed`; None means fresh
+    (stateful) draws. Keep the generator as an attribute of the loss or layer, so Keras tracks it.
+    """
+    return None if seed is None else keras.random.SeedGenerator(int(seed))
+
+
+def next_seed(generator):
+    """The next stateless seed of a `seed_generator` (int tensor [2]), or None for None."""
+    return None if generator is None else generator.next()
 
 
 def _uniform(shape, seed):

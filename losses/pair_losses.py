@@ -27,7 +27,7 @@ import tensorflow as tf
 from losses import masks
 from losses.distances import (DISTANCES, _to_float32, pairwise_distances, safe_sqrt,
                               squared_l2_distances)
-from losses.mining import PairMining, stateless_seed
+from losses.mining import PairMining, next_seed, seed_generator, stateless_seed
 
 SAMPLED_LOSSES = ("margin", "triplet")
 
@@ -376,11 +376,10 @@ class DistanceWeightedLoss(_BatchLoss):
         self.nonzero_loss_cutoff = (None if nonzero_loss_cutoff is None
                                     else float(nonzero_loss_cutoff))
         self.seed = None if seed is None else int(seed)
-        self._seed_generator = (None if self.seed is None
-                                else keras.random.SeedGenerator(self.seed))
+        self._seed_generator = seed_generator(self.seed)
 
     def call(self, y_true, y_pred):
-        seed = None if self._seed_generator is None else self._seed_generator.next()
+        seed = next_seed(self._seed_generator)
         return distance_weighted_loss(
             y_true, y_pred, loss=self.loss, margin=self.margin, beta=self.beta, cutoff=self.cutoff,
             nonzero_loss_cutoff=self.nonzero_loss_cutoff, seed=seed)

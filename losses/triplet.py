@@ -157,25 +157,6 @@ def triplet_loss(labels, embeddings, margin=0.2, distance="squared_l2", mining="
     return loss
 
 
-def _seed_arg(seed):
-    return None if seed is None else int(seed)
-
-
-def _seed_generator(seed, mining):
-    """A `keras.random.SeedGenerator` for the paper window's draws when seeded, else None.
-
-    Each call then draws with the generator's next seed: successive batches get fresh draws and
-    the whole sequence is reproducible from `seed`.
-    """
-    if seed is None or mining != "semi_hard_paper":
-        return None
-    return keras.random.SeedGenerator(seed)
-
-
-def _next_seed(generator):
-    return None if generator is None else generator.next()
-
-
 @keras.saving.register_keras_serializable(package="facenet")
 class TripletLoss(keras.losses.Loss):
     """Keras loss: `loss(y_true=labels [B] int, y_pred=embeddings [B, D])` -> float32 scalar.
@@ -195,13 +176,15 @@ class TripletLoss(keras.losses.Loss):
         self.distance = distance
         self.mining = mining
         self.soft = bool(soft)
-        self.seed = _seed_arg(seed)
-        self._seed_generator = _seed_generator(self.seed, mining)
+        self.seed = None if seed is None else int(seed)
+        # Only the paper window draws at random: a new seed per call, the sequence from `seed`.
+        self._seed_generator = mining_lib.seed_generator(
+            self.seed if mining == "semi_hard_paper" else None)
 
     def call(self, y_true, y_pred):
         return triplet_loss(y_true, y_pred, margin=self.margin, distance=self.distance,
                             mining=self.mining, soft=self.soft,
-                            seed=_next_seed(self._seed_generator))
+                            seed=mining_lib.next_seed(self._seed_generator))
 
     def get_config(self):
         config = super().get_config()

@@ -119,11 +119,3 @@ def thumbnail(image, size):
     shrink = image.shape[0] > size or image.shape[1] > size
     interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interp)
-
-
-def squared_distances(a, b):
-    """Squared L2 distances float64 [len(a), len(b)] (FaceNet's D, the threshold's units)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.maximum(d, 0.0)

@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from photos.embedding import embed_photos, squared_distances
+from evaluation.identification import squared_distances
+from photos.embedding import embed_photos
 from photos.errors import PhotoError, exit_code_for_failures
 
 UNKNOWN = "unknown"

@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from photos.embedding import model_input, squared_distances
+from evaluation.identification import squared_distances
+from photos.embedding import model_input
 
 
 def main_faces(cropper, path_a, path_b):

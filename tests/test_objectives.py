@@ -7,10 +7,19 @@ import tensorflow as tf
 import models
 from losses import margin_heads, pair_losses
 from training.objectives import (LOSSES, ClassifierTerm, EmbeddingLossTerm, PhaseSwitch,
-                                 build_train_model)
+                                 build_train_model, needs_classes)
 
 SIZE = (32, 32)
 P, K, CLASSES = 4, 4, 10
+
+
+def test_flag_choices_and_classifier_need_follow_the_losses():
+    """flags.py keeps its own copy of the names (it must not import TensorFlow): they must agree."""
+    import flags
+
+    assert flags.LOSS_CHOICES == LOSSES
+    assert [name for name in LOSSES if needs_classes(name)] == list(margin_heads.HEADS)
+    assert needs_classes("triplet", pretrain_steps=10) and not needs_classes("triplet")
 
 
 def _batch(seed=0):

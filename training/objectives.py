@@ -42,30 +42,46 @@ def metric_loss(name, margin=None, seed=None):
     raise ValueError(f"unknown metric loss {name!r}; choose from {METRIC_LOSSES}")
 
 
+def needs_classes(loss, pretrain_steps=0):
+    """True when the training model has a classifier over the identities (a head, or softmax
+    pre-training), so it needs their number."""
+    return loss in margin_heads.HEADS or pretrain_steps > 0
+
+
+class _LossTerm(keras.layers.Layer):
+    """Base: ``[embeddings [B, D], labels [B]]`` -> embeddings, adding ``weight *`` a loss.
+
+    ``weight`` is a non-trainable 0/1 switch (checkpointed), set by :class:`PhaseSwitch`.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                      name="weight")
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
+
+
 @keras.saving.register_keras_serializable(package="facenet")
-class EmbeddingLossTerm(keras.layers.Layer):
+class EmbeddingLossTerm(_LossTerm):
     """Adds ``weight * loss(labels, embeddings)`` for a keras Loss; returns embeddings [B, D]."""
 
     def __init__(self, loss, **kwargs):
         super().__init__(**kwargs)
         self.loss_fn = keras.losses.deserialize(loss) if isinstance(loss, dict) else loss
-        self.weight = self.add_weight(shape=(), initializer="ones", trainable=False,
-                                      name="weight")
 
     def call(self, inputs):
         embeddings, labels = inputs
         self.add_loss(tf.cast(self.weight, tf.float32) * self.loss_fn(labels, embeddings))
         return embeddings
 
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
-
     def get_config(self):
         return {**super().get_config(), "loss": keras.losses.serialize(self.loss_fn)}
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class ClassifierTerm(keras.layers.Layer):
+class ClassifierTerm(_LossTerm):
     """Adds ``weight * cross-entropy(labels, head([embeddings, labels]))``; returns embeddings.
 
     Also reports ``classifier_accuracy``: the top-1 accuracy of the (margin-free) cosine or
@@ -75,8 +91,6 @@ class ClassifierTerm(keras.layers.Layer):
     def __init__(self, head, **kwargs):
         super().__init__(**kwargs)
         self.head = keras.layers.deserialize(head) if isinstance(head, dict) else head
-        self.weight = self.add_weight(shape=(), initializer="ones", trainable=False,
-                                      name="weight")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="classifier_accuracy")
 
     def call(self, inputs):
@@ -87,9 +101,6 @@ class ClassifierTerm(keras.layers.Layer):
         self.add_loss(tf.cast(self.weight, tf.float32) * tf.reduce_mean(ce))
         self.accuracy.update_state(labels, logits)
         return embeddings
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
 
     def get_config(self):
         return {**super().get_config(), "head": keras.layers.serialize(self.head)}
@@ -119,8 +130,8 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
-    needs_classes = loss in margin_heads.HEADS or pretrain_steps > 0
-    if needs_classes and not num_classes:
+    with_classifier = needs_classes(loss, pretrain_steps)
+    if with_classifier and not num_classes:
         raise ValueError(f"--loss={loss} (or softmax pre-training) needs the number of identities "
                          "of the training data")
     if pretrain_steps > 0 and loss != "triplet":
@@ -131,7 +142,7 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     labels = keras.Input((), dtype="int32", name="labels")
     emb = backbone(images)
     terms = {}
-    if loss in margin_heads.HEADS or pretrain_steps > 0:
+    if with_classifier:
         head_name = loss if loss in margin_heads.HEADS else "softmax"
         head = margin_heads.make_head(head_name, int(num_classes),
                                       **head_kwargs(head_name, head_scale, head_margin,
