@@ -11,8 +11,8 @@ FLAGS = flags.FLAGS
 MODEL_NAMES = ("nn1", "nn2", "nn3", "nn4", "nns1", "nns2", "tiny")
 MINING_CHOICES = ("semi_hard", "semi_hard_paper", "hard", "all")
 DISTANCE_CHOICES = ("squared_l2", "l2", "cosine")
-LOSS_CHOICES = ("triplet", "contrastive", "lifted", "trihard", "distance_weighted", "softmax",
-                "softmax_center", "normface", "sphereface", "cosface", "arcface")
+HEAD_CHOICES = ("softmax", "softmax_center", "normface", "sphereface", "cosface", "arcface")
+LOSS_CHOICES = ("triplet", "contrastive", "lifted", "trihard", "distance_weighted") + HEAD_CHOICES
 
 _defined = set()
 
@@ -70,6 +70,14 @@ def define_train_flags():
     """Batches, loss, optimisation and run control for train.py."""
     define_common_flags()
     define_data_flags()
+    from training.recipes import RECIPE_CHOICES
+
+    flags.DEFINE_enum(
+        "recipe", "auto", RECIPE_CHOICES,
+        "A measured set of defaults for the flags not given (training/recipes.py): 'real' for "
+        "in-the-wild aligned crops, 'paper' for FaceNet's own setup (Adagrad 0.05, semi-hard, "
+        "P=45 x K=40, NN4), 'synthetic' for the built-in data; 'auto' is 'real' with --data_dir, "
+        "else 'synthetic'.")
     flags.DEFINE_integer("identities_per_batch", 16, "P: identities per batch.")
     flags.DEFINE_integer("images_per_identity", 8, "K: images per identity in a batch.")
     flags.DEFINE_enum("small_identities", "replace", ("replace", "drop"),
@@ -83,26 +91,39 @@ def define_train_flags():
     flags.DEFINE_float("head_margin", None, "Margin m of sphereface (integer)/cosface/arcface heads.")
     flags.DEFINE_float("center_weight", None, "lambda of the center loss for --loss=softmax_center.")
     flags.DEFINE_integer("pretrain_softmax_steps", 0,
-                         "With --loss=triplet: train a softmax head for this many steps first, then "
-                         "drop it and fine-tune with the triplet loss.")
+                         "With --loss=triplet: train a classification head (--pretrain_head) for "
+                         "this many steps first, then drop it and fine-tune with the triplet loss.")
+    flags.DEFINE_enum("pretrain_head", "softmax", HEAD_CHOICES,
+                      "The head of --pretrain_softmax_steps: plain softmax or a margin head "
+                      "(--head_scale, --head_margin apply).")
     flags.DEFINE_enum("mining", "semi_hard", MINING_CHOICES, "Online triplet mining strategy.")
     flags.DEFINE_enum("distance", "squared_l2", DISTANCE_CHOICES, "Embedding distance in the loss.")
     flags.DEFINE_float("margin", 0.2, "Triplet margin alpha (the paper's 0.2).")
     flags.DEFINE_float("val_fraction", 0.2, "Fraction of identities held out when no --val_dir.")
-    flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "sgd"),
-                      "Optimiser: Adagrad as in the paper, Adam, or SGD with momentum.")
+    flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "adamw", "sgd"),
+                      "Optimiser: Adagrad as in the paper, Adam, AdamW, or SGD with momentum.")
     flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate (paper: 0.05 with Adagrad).")
     flags.DEFINE_enum("lr_schedule", "constant", ("constant", "cosine", "step"),
                       "Learning-rate schedule over --max_steps.")
+    flags.DEFINE_integer("warmup_steps", 0,
+                         "Linear learning-rate warm-up over this many first steps.")
     flags.DEFINE_float("momentum", 0.9, "Momentum for --optimizer=sgd.")
     flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay applied by the optimiser.")
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps (overrides --epochs).")
     flags.DEFINE_integer("steps_per_epoch", 100, "Steps between validations and checkpoints.")
     flags.DEFINE_integer("epochs", None, "Number of epochs; default from --max_steps.")
     flags.DEFINE_float("max_minutes", None,
-                       "Stop cleanly after this much wall-clock time from start-up. Default: no "
-                       "limit, except 8.5 minutes on the built-in data with no --max_steps/--epochs.")
-    flags.DEFINE_boolean("augment", True, "Random crop, flip and photometric augmentation.")
+                       "Stop cleanly after this much wall-clock time from start-up, not counting "
+                       "the time spent validating. Default: no limit, except 8.5 minutes on the "
+                       "built-in data with no --max_steps/--epochs.")
+    flags.DEFINE_boolean("augment", True, "Random crop and flip (and --photometric).")
+    flags.DEFINE_float("crop_fraction", 0.875,
+                       "Augmentation: smallest random-crop side, as a fraction of the image side.")
+    flags.DEFINE_boolean("photometric", False,
+                         "Augmentation: random brightness and contrast.")
+    flags.DEFINE_enum("cache_images", "auto", ("auto", "memory", "off"),
+                      "Decode the training images once and keep them in memory (data/"
+                      "memory_cache.py). auto: when they take at most a quarter of the RAM.")
     flags.DEFINE_boolean("mixed_precision", False, "Use the mixed_float16 policy.")
     flags.DEFINE_enum("distribution_strategy", "default",
                       ("default", "mirrored", "multi_worker_mirrored"),

@@ -113,7 +113,8 @@ def _strategy(tf):
 def _objective():
     """The flags a checkpoint's optimiser slots and loss state depend on (stored in config.json)."""
     return {"optimizer": FLAGS.optimizer, "loss": FLAGS.loss,
-            "pretrain_softmax_steps": FLAGS.pretrain_softmax_steps}
+            "pretrain_softmax_steps": FLAGS.pretrain_softmax_steps,
+            "pretrain_head": FLAGS.pretrain_head}
 
 
 def _check_same_objective(model_dir):
@@ -165,9 +166,10 @@ class Trainer:
                 distance=FLAGS.distance, mining=FLAGS.mining, loss_margin=FLAGS.loss_margin,
                 head_scale=FLAGS.head_scale, head_margin=FLAGS.head_margin,
                 center_weight=FLAGS.center_weight, pretrain_steps=FLAGS.pretrain_softmax_steps,
-                seed=FLAGS.seed)
+                pretrain_head=FLAGS.pretrain_head, seed=FLAGS.seed)
             optimizer = make_optimizer(FLAGS.optimizer, FLAGS.learning_rate, total_steps,
-                                       FLAGS.lr_schedule, FLAGS.momentum, FLAGS.weight_decay)
+                                       FLAGS.lr_schedule, FLAGS.momentum, FLAGS.weight_decay,
+                                       FLAGS.warmup_steps)
             self.train_model.compile(optimizer=optimizer)
             self.optimizer = self.train_model.optimizer
             self.optimizer.build(self.train_model.trainable_variables)
@@ -196,12 +198,32 @@ class Trainer:
         return self.manager.save(checkpoint_number=self.step)
 
 
-def _batches(source, image_size, epoch):
+def _cached_images(source, image_size):
+    """The training images decoded into memory (--cache_images), or None."""
+    from data import memory_cache
+    from data.pipeline import resolve_source
+
+    if FLAGS.cache_images == "off":
+        return None
+    size = memory_cache.cache_image_size(image_size, FLAGS.crop_fraction if FLAGS.augment else 1.0)
+    n = len(resolve_source(source)[0])
+    if FLAGS.cache_images == "auto" and not memory_cache.cache_fits(n, size):
+        logging.info("cache_images=auto: %d images at %dx%d (%.1f GB) would take more than a "
+                     "quarter of the RAM; decoding from files", n, size[0], size[1],
+                     memory_cache.cache_bytes(n, size) / 1e9)
+        return None
+    logging.info("decoding %d training images into memory at %dx%d", n, size[0], size[1])
+    return memory_cache.decode_to_memory(source, size, progress=sys.stderr.isatty())
+
+
+def _batches(source, image_size, epoch, images=None):
     from data.pipeline import balanced_dataset
 
     ds = balanced_dataset(source, FLAGS.identities_per_batch, FLAGS.images_per_identity, image_size,
                           augment=FLAGS.augment, seed=FLAGS.seed * 1_000_003 + epoch,
-                          small_identities=FLAGS.small_identities)
+                          small_identities=FLAGS.small_identities,
+                          crop_fraction=FLAGS.crop_fraction, photometric=FLAGS.photometric,
+                          images=images)
     return ds.map(lambda x, y: ({"images": x, "labels": y},))
 
 
@@ -268,6 +290,11 @@ def main(argv):
     from training.run_config import (RunConfig, check_compatible, config_path, load_run_config,
                                      save_run_config)
 
+    from training.recipes import apply_recipe, resolve_recipe
+
+    recipe = resolve_recipe(FLAGS.recipe, FLAGS.data_dir)
+    recipe_flags = apply_recipe(FLAGS, recipe)
+    logging.info("recipe %s%s", recipe, "".join(f" --{k}={v}" for k, v in recipe_flags.items()))
     if FLAGS.model not in models.MODEL_NAMES:
         sys.exit(f"unknown --model {FLAGS.model!r}; choose from {models.MODEL_NAMES}")
     image_size = flags.parse_image_size(FLAGS.image_size, models.default_image_size(FLAGS.model))
@@ -286,6 +313,7 @@ def main(argv):
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     train_source, val_set, desc = _resolve_data(image_size)
+    desc["recipe"] = recipe
     total_steps = _total_steps()
     strategy = _strategy(tf)
     from training.objectives import needs_classes
@@ -325,6 +353,7 @@ def main(argv):
                  config.model, image_size, desc.get("data"), total_steps, batch,
                  FLAGS.identities_per_batch, FLAGS.images_per_identity, FLAGS.model_dir)
 
+    images = None if FLAGS.projector_only else _cached_images(train_source, image_size)
     history = []
     last = None
     train_seconds = 0.0
@@ -332,22 +361,28 @@ def main(argv):
         epoch = trainer.step // FLAGS.steps_per_epoch
         steps = min(FLAGS.steps_per_epoch - trainer.step % FLAGS.steps_per_epoch,
                     total_steps - trainer.step)
-        t0 = time.perf_counter()
-        fit = trainer.train_model.fit(_batches(train_source, image_size, epoch), epochs=1,
+        t0, step0 = time.perf_counter(), trainer.step
+        fit = trainer.train_model.fit(_batches(train_source, image_size, epoch, images), epochs=1,
                                       steps_per_epoch=steps, shuffle=False,
                                       verbose=1 if sys.stdout.isatty() else 2,
                                       callbacks=callbacks)
-        train_seconds += time.perf_counter() - t0
+        fit_seconds = time.perf_counter() - t0
+        train_seconds += fit_seconds
         if nan_stop.nan_step is not None:
             good = trainer.manager.latest_checkpoint
             sys.stderr.write(f"train.py: loss became NaN/inf at step {nan_stop.nan_step}; stopping. "
                              f"Last good checkpoint: {good}. Try a lower --learning_rate.\n")
             sys.exit(EXIT_NAN)
         trainer.save()
+        # Wall clock from start-up (data loading and caching included), validation excluded.
+        elapsed = time.monotonic() - t_start - time_limit.paused_seconds
         epoch_record = {"step": trainer.step, "train_seconds": round(train_seconds, 2),
+                        "elapsed_seconds": round(elapsed, 2),
+                        "images_per_second": round((trainer.step - step0) * batch / fit_seconds, 1),
                         **{f"train_{k}": float(v[-1]) for k, v in fit.history.items() if v}}
         if val_set is not None:
             last, _ = _validate(trainer, val_set, writer)
+            time_limit.pause(last["seconds"])
             epoch_record.update(last)
         history.append(epoch_record)
         if val_set is not None:

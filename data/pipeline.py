@@ -263,7 +263,7 @@ def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
 # Balanced sampling
 # ----------------------------------------------------------------------------------------------
 
-def _resolve_source(source):
+def resolve_source(source):
     """-> (items: np.ndarray of str/bytes [N], labels int32 [N], class_names, items_are_bytes)."""
     if isinstance(source, IdentityDataset):
         if len(source) == 0:
@@ -298,7 +298,7 @@ def usable_identities(counts: np.ndarray, images_per_identity: int, small_identi
 def balanced_dataset(source, identities_per_batch: int, images_per_identity: int, image_size,
                      augment: bool = True, seed=None, small_identities: str = "replace",
                      crop_fraction: float = 0.875, flip: bool = True, photometric: bool = False,
-                     num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE):
+                     num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE, images=None):
     """Infinite dataset of identity-balanced batches (FaceNet Section 3.2).
 
     Args:
@@ -317,6 +317,9 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
       crop_fraction: smallest random-crop side as a fraction of the image side.
       flip: random horizontal flips (when augment).
       photometric: random brightness/contrast (when augment).
+      images: optional uint8 [N, h, w, 3], every item of ``source`` already decoded (in its item
+        order; see :mod:`data.memory_cache`). Batches are then gathered from it instead of
+        decoding files; sampling and augmentation are unchanged.
     Returns:
       tf.data.Dataset of ``(images float32 [P*K, H, W, 3] preprocessed as data.preprocess,
       labels int32 [P*K])``; labels are the source's class indices; images of one identity are
@@ -334,7 +337,7 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     image_size = (int(image_size[0]), int(image_size[1]))
-    items, labels, class_names, items_are_bytes = _resolve_source(source)
+    items, labels, class_names, items_are_bytes = resolve_source(source)
     num_classes = len(class_names)
     order, starts, counts = _class_table(np.asarray(labels, np.int32), num_classes)
     usable = usable_identities(counts, k, small_identities)
@@ -394,9 +397,25 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
                                             dtype=tf.int64)
         return tf.reshape(items_idx, [-1]), batch_labels, seeds
 
+    if images is not None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(items) or \
+                images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [{len(items)}, h, w, 3] (one per item of the "
+                             f"source), got {images.dtype} {images.shape}")
+        cached_shape = list(images.shape[1:])
+
+        def gather(items_idx, batch_labels, seeds):
+            """One NumPy gather per batch from the in-memory array (no copy into the graph)."""
+            pixels = tf.numpy_function(lambda i: images[i], [items_idx], tf.uint8, stateful=False)
+            return tf.ensure_shape(pixels, [p * k] + cached_shape), batch_labels, seeds
+
     def load(item, label, image_seed):
-        entry = table[item]
-        image = decode_image(entry) if items_are_bytes else load_image(entry)
+        if images is not None:
+            image = item  # already decoded pixels
+        else:
+            entry = table[item]
+            image = decode_image(entry) if items_are_bytes else load_image(entry)
         if augment:
             image = augment_lib.augment_image(image, image_size, image_seed,
                                               crop_fraction=crop_fraction, flip=flip,
@@ -406,7 +425,10 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
         return preprocess(image), label
 
     ds = tf.data.Dataset.counter().flat_map(epoch_groups).enumerate()
-    ds = ds.map(sample_batch).unbatch()
+    ds = ds.map(sample_batch)
+    if images is not None:
+        ds = ds.map(gather)
+    ds = ds.unbatch()
     ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(p * k, drop_remainder=True)
     if prefetch:

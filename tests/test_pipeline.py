@@ -337,3 +337,65 @@ def test_att_faces_balanced_batches(shared_data_dir):
         assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == 8
         # grey source: the three channels are equal
         np.testing.assert_allclose(images[..., 0], images[..., 2], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-memory decoded images (data.memory_cache)
+# ----------------------------------------------------------------------------------------------
+
+def test_memory_cache_holds_the_same_pixels_as_the_files(coded):
+    from data import memory_cache
+
+    images = memory_cache.decode_to_memory(coded, (16, 14), progress=False)
+    assert images.shape == (len(coded), 16, 14, 3) and images.dtype == np.uint8
+    for i in (0, 7, len(coded) - 1):  # source size: decoding alone, no resampling
+        np.testing.assert_array_equal(images[i], read_image(coded.paths[i]))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_balanced_batches_from_memory_keep_every_invariant(coded, augment):
+    from data import memory_cache
+
+    images = memory_cache.decode_to_memory(coded, memory_cache.cache_image_size(SIZE, 0.875),
+                                           progress=False)
+    ds = pipeline.balanced_dataset(coded, P, K, SIZE, augment=augment, seed=11, images=images)
+    assert ds.element_spec[0].shape.as_list() == [P * K, SIZE[0], SIZE[1], 3]
+    from_memory = pipeline.iterate_batches(ds, 6)
+    from_files = pipeline.iterate_batches(
+        pipeline.balanced_dataset(coded, P, K, SIZE, augment=augment, seed=11), 6)
+    for (im, lab), (im_f, lab_f) in zip(from_memory, from_files):
+        _check_batch(im, lab, allowed=range(6))  # identity and image codes survive the cache
+        np.testing.assert_array_equal(lab, lab_f)  # the same sampling as from the files
+    again = pipeline.iterate_batches(
+        pipeline.balanced_dataset(coded, P, K, SIZE, augment=augment, seed=11, images=images), 6)
+    for (im, _), (im2, _) in zip(from_memory, again):
+        np.testing.assert_array_equal(im, im2)  # deterministic from the seed
+
+
+def test_balanced_from_memory_rejects_a_mismatched_array(coded):
+    with pytest.raises(ValueError, match="one per item"):
+        pipeline.balanced_dataset(coded, P, K, SIZE, images=np.zeros([3, 8, 8, 3], np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        pipeline.balanced_dataset(coded, P, K, SIZE,
+                                  images=np.zeros([len(coded), 8, 8, 3], np.float32))
+
+
+def test_memory_cache_size_and_fit():
+    from data import memory_cache
+
+    assert memory_cache.cache_image_size((64, 64), 0.875) == (74, 74)
+    assert memory_cache.cache_image_size((112, 96), 1.0) == (112, 96)
+    assert memory_cache.cache_bytes(10, (4, 5)) == 600
+    assert memory_cache.cache_fits(10, (4, 5))
+    assert not memory_cache.cache_fits(10**9, (1000, 1000))
+
+
+def test_memory_cache_of_a_corrupt_file_names_it(tmp_path):
+    from data import memory_cache
+
+    os.makedirs(tmp_path / "a")
+    _write_rgb(tmp_path / "a" / "good.png", np.zeros([8, 8, 3], np.uint8))
+    (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    ds = scan_identity_folder(tmp_path)
+    with pytest.raises(Exception, match="bad.jpg"):
+        memory_cache.decode_to_memory(ds, (8, 8), progress=False)

@@ -66,12 +66,23 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stop training once ``deadline`` (time.monotonic()) has passed; checked after every step."""
+    """Stop training once ``deadline`` (time.monotonic()) has passed; checked after every step.
+
+    :meth:`pause` stops the clock (train.py pauses it while validating, so that a budget counts
+    start-up and training, not evaluation).
+    """
 
     def __init__(self, deadline):
         super().__init__()
         self.deadline = deadline
         self.hit = False
+        self.paused_seconds = 0.0
+
+    def pause(self, seconds):
+        """Move the deadline ``seconds`` later: time spent outside training."""
+        self.paused_seconds += float(seconds)
+        if self.deadline is not None:
+            self.deadline += float(seconds)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.deadline is not None and time.monotonic() >= self.deadline:

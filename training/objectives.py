@@ -13,8 +13,9 @@ Every training model maps ``{"images": [B, H, W, 3], "labels": [B]}`` to the emb
 its loss with ``add_loss``; metric-learning losses need P x K batches, heads need global class
 indices (the balanced pipeline provides both). The backbone alone is exported: heads are dropped.
 
-``pretrain_steps > 0`` is the recipe of the FaceNet successors' seeds: a softmax head trains the
-backbone for that many steps, then the classifier is switched off and the triplet loss fine-tunes.
+``pretrain_steps > 0`` is the recipe of the FaceNet successors' seeds: a classification head
+(``pretrain_head``: plain softmax, or a margin head such as CosFace or ArcFace) trains the backbone
+for that many steps, then the classifier is switched off and the triplet loss fine-tunes.
 Both terms live in one model with one optimiser, weighted by non-trainable 0/1 switches that
 :class:`PhaseSwitch` sets from the global step, so a resumed run is exact in either phase.
 """
@@ -121,12 +122,13 @@ def head_kwargs(name, scale=None, margin=None, center_weight=None):
 def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *, margin=0.2,
                       distance="squared_l2", mining="semi_hard", loss_margin=None,
                       head_scale=None, head_margin=None, center_weight=None,
-                      pretrain_steps=0, seed=None):
+                      pretrain_steps=0, pretrain_head="softmax", seed=None):
     """The training model and the layers that hold state to checkpoint besides the backbone.
 
     Returns ``(train_model, terms)``: ``terms`` maps "triplet" / "metric" / "classifier" to the loss
     layers in the model ("metric" and "classifier" have a ``weight`` switch). ``seed`` seeds the
-    distance-weighted sampler.
+    distance-weighted sampler. ``pretrain_head`` is the head trained for the first
+    ``pretrain_steps`` steps (any of margin_heads.HEADS).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
@@ -143,7 +145,7 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     emb = backbone(images)
     terms = {}
     if with_classifier:
-        head_name = loss if loss in margin_heads.HEADS else "softmax"
+        head_name = loss if loss in margin_heads.HEADS else pretrain_head
         head = margin_heads.make_head(head_name, int(num_classes),
                                       **head_kwargs(head_name, head_scale, head_margin,
                                                     center_weight))

@@ -2,40 +2,94 @@
 
 The paper trains with AdaGrad at an initial learning rate of 0.05 (FaceNet Section 4, "we used
 ... AdaGrad, with an initial learning rate of 0.05"); Adam and SGD with momentum are the usual
-alternatives.
+alternatives. Any schedule can start with a linear warm-up (``warmup_steps``), which keeps Adam's
+first, badly scaled updates from scrambling a freshly initialised network.
 """
 import keras
 
-OPTIMIZERS = ("adagrad", "adam", "sgd")
+OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def learning_rate_schedule(name, learning_rate, total_steps):
+@keras.saving.register_keras_serializable(package="facenet")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """``rate * (step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then ``after``.
+
+    ``after`` is a float or a schedule; it is evaluated at the global step (it does not restart
+    after the warm-up), so a cosine over ``total_steps`` still ends at step ``total_steps``.
+    """
+
+    def __init__(self, after, warmup_steps, rate=None):
+        self.after = after
+        self.warmup_steps = int(warmup_steps)
+        self.rate = float(rate if rate is not None else (
+            after if not callable(after) else after(0)))
+
+    def _after(self, step):
+        import tensorflow as tf
+
+        if callable(self.after):
+            return tf.cast(self.after(step), tf.float32)
+        return tf.constant(float(self.after), tf.float32)
+
+    def __call__(self, step):
+        import tensorflow as tf
+
+        step = tf.cast(step, tf.float32)
+        warm = self.rate * (step + 1.0) / float(max(self.warmup_steps, 1))
+        return tf.where(step < float(self.warmup_steps), warm, self._after(step))
+
+    def get_config(self):
+        after = self.after
+        if isinstance(after, keras.optimizers.schedules.LearningRateSchedule):
+            after = keras.optimizers.schedules.serialize(after)
+        return {"after": after, "warmup_steps": self.warmup_steps, "rate": self.rate}
+
+    @classmethod
+    def from_config(cls, config):
+        after = config["after"]
+        if isinstance(after, dict):
+            after = keras.optimizers.schedules.deserialize(after)
+        return cls(after, config["warmup_steps"], config.get("rate"))
+
+
+def learning_rate_schedule(name, learning_rate, total_steps, warmup_steps=0):
     """A float, or a keras schedule over ``total_steps`` optimiser steps.
 
     cosine: cosine decay to 1% of the initial rate; step: x0.1 at 50% and again at 75% of training.
+    ``warmup_steps > 0`` prepends a linear warm-up from ~0 to ``learning_rate``.
     """
-    if name == "constant":
-        return float(learning_rate)
     total_steps = max(int(total_steps), 1)
-    if name == "cosine":
-        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps, alpha=0.01)
-    if name == "step":
+    if name == "constant":
+        lr = float(learning_rate)
+    elif name == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, total_steps, alpha=0.01)
+    elif name == "step":
         bounds = [max(1, total_steps // 2), max(2, (3 * total_steps) // 4)]
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
             bounds, [learning_rate, learning_rate * 0.1, learning_rate * 0.01])
-    raise ValueError(f"unknown learning-rate schedule {name!r}; choose from {SCHEDULES}")
+    else:
+        raise ValueError(f"unknown learning-rate schedule {name!r}; choose from {SCHEDULES}")
+    if warmup_steps and int(warmup_steps) > 0:
+        return LinearWarmup(lr, int(warmup_steps), float(learning_rate))
+    return lr
 
 
 def make_optimizer(name, learning_rate, total_steps=1, schedule="constant", momentum=0.9,
-                   weight_decay=0.0):
-    """A Keras optimiser by name (adagrad | adam | sgd)."""
-    lr = learning_rate_schedule(schedule, learning_rate, total_steps)
+                   weight_decay=0.0, warmup_steps=0):
+    """A Keras optimiser by name (adagrad | adam | adamw | sgd).
+
+    ``weight_decay`` is decoupled (applied to the weights by the optimiser, not added to the
+    loss) for every optimiser; ``adamw`` is Adam with it (default 1e-4 when 0 is given).
+    """
+    lr = learning_rate_schedule(schedule, learning_rate, total_steps, warmup_steps)
     wd = weight_decay or None
     if name == "adagrad":
         return keras.optimizers.Adagrad(learning_rate=lr, weight_decay=wd)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr, weight_decay=wd)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd or 1e-4)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=momentum, nesterov=True,
                                     weight_decay=wd)

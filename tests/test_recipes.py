@@ -1,0 +1,129 @@
+"""training.recipes (train.py --recipe), training.optim schedules, training.callbacks.TimeLimit,
+and the real-faces bench's summary arithmetic."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import flags
+from training import recipes
+
+
+@pytest.fixture
+def parsed():
+    """Parses train.py's flags from an argv list into the global FLAGS; resets them after."""
+    flags.define_train_flags()
+    fv = flags.FLAGS
+
+    def parse(argv):
+        fv.unparse_flags()
+        fv(["train.py", *argv])
+        return fv
+
+    yield parse
+    fv.unparse_flags()
+
+
+def test_auto_recipe_follows_the_data():
+    assert recipes.resolve_recipe("auto", None) == "synthetic"
+    assert recipes.resolve_recipe("auto", "faces/") == "real"
+    assert recipes.resolve_recipe("paper", None) == "paper"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipes.resolve_recipe("fast", None)
+
+
+def test_recipe_fills_only_the_flags_not_given(parsed):
+    fv = parsed(["--recipe=paper", "--learning_rate=0.01"])
+    applied = recipes.apply_recipe(fv, "paper")
+    assert fv.optimizer == "adagrad" and fv.mining == "semi_hard"
+    assert fv.identities_per_batch * fv.images_per_identity == 1800  # Section 4: ~1,800 images
+    assert fv.learning_rate == 0.01 and "learning_rate" not in applied  # the user's flag wins
+    assert applied["optimizer"] == "adagrad"
+
+
+def test_synthetic_recipe_keeps_the_flag_defaults(parsed):
+    fv = parsed([])
+    assert recipes.apply_recipe(fv, "synthetic") == {}
+    assert fv.model == "tiny" and fv.optimizer == "adagrad" and fv.learning_rate == 0.05
+
+
+def test_every_recipe_names_real_flags_with_valid_values():
+    flags.define_train_flags()
+    for name, values in recipes.RECIPES.items():
+        for flag, value in values.items():
+            assert flag in flags.FLAGS, (name, flag)
+            choices = getattr(flags.FLAGS[flag], "enum_values", None)
+            if choices:
+                assert value in choices, (name, flag, value)
+    assert set(recipes.RECIPES) | {"auto"} == set(recipes.RECIPE_CHOICES)
+
+
+@pytest.mark.parametrize("after", ["constant", "cosine", "step"])
+def test_linear_warmup_then_schedule(after):
+    from training.optim import learning_rate_schedule
+
+    lr = learning_rate_schedule(after, 0.1, total_steps=1000, warmup_steps=10)
+    values = [float(lr(s)) for s in (0, 4, 9, 10, 400, 999)]
+    np.testing.assert_allclose(values[:3], [0.01, 0.05, 0.1], rtol=1e-6)  # linear ramp
+    plain = learning_rate_schedule(after, 0.1, total_steps=1000)
+    for step, v in zip((10, 400, 999), values[3:]):
+        expected = plain if isinstance(plain, float) else float(plain(step))
+        assert v == pytest.approx(expected, rel=1e-6)  # then the schedule, at the global step
+    assert learning_rate_schedule(after, 0.1, 1000, warmup_steps=0).__class__ is \
+        learning_rate_schedule(after, 0.1, 1000).__class__
+
+
+def test_warmup_schedule_serialises_and_works_in_graph_mode():
+    import keras
+    import tensorflow as tf
+
+    from training.optim import LinearWarmup, learning_rate_schedule, make_optimizer
+
+    lr = learning_rate_schedule("cosine", 0.2, total_steps=100, warmup_steps=5)
+    again = LinearWarmup.from_config(lr.get_config())
+    graph = tf.function(lambda s: again(s))
+    for s in (0, 3, 50, 99):
+        assert float(graph(tf.constant(s))) == pytest.approx(float(lr(s)), rel=1e-6)
+    opt = make_optimizer("adamw", 1e-3, 100, "constant", warmup_steps=5)
+    assert isinstance(opt, keras.optimizers.AdamW) and opt.weight_decay == pytest.approx(1e-4)
+
+
+def test_time_limit_pause_moves_the_deadline():
+    from training.callbacks import TimeLimit
+
+    class _Model:
+        stop_training = False
+
+    limit = TimeLimit(time.monotonic() + 0.05)
+    limit.set_model(_Model())
+    limit.pause(60.0)  # e.g. a validation: it does not count against the budget
+    time.sleep(0.1)
+    limit.on_train_batch_end(0)
+    assert not limit.hit and limit.paused_seconds == 60.0
+    limit.pause(-60.0)
+    limit.on_train_batch_end(1)
+    assert limit.hit and limit.model.stop_training
+
+
+def test_real_faces_bench_summary():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import real_faces
+
+    history = [{"step": 100 * i, "elapsed_seconds": 60.0 * m, "accuracy_mean": acc,
+                "accuracy_std": 0.01, "auc": acc, "val_at_far_1e-3": 0.0,
+                "images_per_second": 200.0}
+               for i, (m, acc) in enumerate([(1, 0.6), (4.5, 0.71), (9, 0.76), (12, 0.74),
+                                             (19.5, 0.81)], start=1)]
+    rows = real_faces.points("r", {"history": history})
+    s = real_faces.summarise("r", [], rows, {"step": 500})
+    assert s["minutes_to_70"] == 4.5 and s["minutes_to_75"] == 9 and s["minutes_to_80"] == 19.5
+    assert s["minutes_to_85"] is None
+    assert s["accuracy_at_5"] == 0.71 and s["accuracy_at_10"] == 0.76
+    assert s["accuracy_at_20"] == 0.81  # the last validation at or before 20 minutes
+    assert s["accuracy_at_60"] is None  # the run stopped long before
+    json.dumps(s)
+    assert real_faces.parse_recipes("real,x=--loss=cosface --head_scale=30") == {
+        "real": ["--recipe=real"], "x": ["--loss=cosface", "--head_scale=30"]}
