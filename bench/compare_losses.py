@@ -75,7 +75,9 @@ def parse_args(argv=None):
 def train_command(args, method, model_dir):
     flags = [f.replace("STEPS", str(int(args.expected_steps * args.pretrain_fraction)))
              for f in METHODS[method]]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--model={args.model}",
+    # --recipe=synthetic: the flag defaults, whatever the data (the comparison sets its own flags)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe=synthetic",
+           f"--model={args.model}",
            f"--model_dir={model_dir}", f"--seed={args.seed}", f"--max_minutes={args.budget_minutes}",
            f"--max_steps=1000000", f"--steps_per_epoch={args.steps_per_epoch}", "--export=false",
            "--projector_images=0", *flags, *args.extra.split()]

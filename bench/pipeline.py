@@ -6,7 +6,11 @@ at several input sizes, with augmentation (random crop + flip) as in training.
 
     python -m bench.pipeline [--sizes 224,160,96] [--seconds 5] [--p 16 --k 8]
 
-Each line: {"bench": "pipeline", "source": "folder"|"tfrecord", "image_size": S, "batch": P*K,
+Sources: ``folder`` (decode files), ``tfrecord`` (decode records held in memory), ``memory`` (every
+image decoded once into a uint8 array, as ``train.py --cache_images`` does; the one-off decode is
+not timed).
+
+Each line: {"bench": "pipeline", "source": "folder"|"tfrecord"|"memory", "image_size": S, "batch": P*K,
 "images_per_s": ..., ...}. Compare with an NN2 train step's images/s on the same machine; the
 pipeline should deliver at least 3x that. Numbers depend on machine load (reported as load_avg).
 """
@@ -72,11 +76,12 @@ def main():
     parser.add_argument("--p", type=int, default=16, help="identities per batch")
     parser.add_argument("--k", type=int, default=8, help="images per identity")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per case")
-    parser.add_argument("--sources", default="folder,tfrecord")
+    parser.add_argument("--sources", default="folder,tfrecord,memory",
+                        help="folder, tfrecord, memory (decoded once into RAM, data.memory_cache)")
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
     args = parser.parse_args()
 
-    from data import pipeline
+    from data import memory_cache, pipeline
     from data.dataset import scan_identity_folder
     from data.tfrecords import write_tfrecords
 
@@ -102,10 +107,16 @@ def main():
                                   "seconds": summary["seconds"]}), flush=True)
             sources["tfrecord"] = os.path.join(shards, "*.tfrecord")
         batch = args.p * args.k
+        if "memory" in args.sources:
+            sources["memory"] = dataset
         for size in [int(s) for s in args.sizes.split(",") if s]:
             for name, source in sources.items():
+                cached = None
+                if name == "memory":  # decoded at the size train.py caches at (not timed)
+                    cached = memory_cache.decode_to_memory(
+                        source, memory_cache.cache_image_size((size, size), 0.875), progress=False)
                 ds = pipeline.balanced_dataset(source, args.p, args.k, (size, size), augment=True,
-                                               seed=0)
+                                               seed=0, images=cached)
                 n, elapsed = time_dataset(ds, batch, args.seconds)
                 print(json.dumps({
                     "bench": "pipeline", "source": name, "image_size": size, "batch": batch,

@@ -18,6 +18,7 @@ def test_flag_choices_and_classifier_need_follow_the_losses():
     import flags
 
     assert flags.LOSS_CHOICES == LOSSES
+    assert flags.HEAD_CHOICES == margin_heads.HEADS  # --pretrain_head takes any head
     assert [name for name in LOSSES if needs_classes(name)] == list(margin_heads.HEADS)
     assert needs_classes("triplet", pretrain_steps=10) and not needs_classes("triplet")
 
@@ -86,6 +87,18 @@ def test_pretraining_switches_from_softmax_to_triplet():
         seen.append((float(terms["classifier"].weight.numpy()), float(terms["metric"].weight.numpy())))
         assert len(model.losses) == 2
     assert seen == [(1.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.0, 1.0)]
+
+
+@pytest.mark.parametrize("head", ["cosface", "arcface"])
+def test_pretraining_head_can_be_a_margin_head(head):
+    """--pretrain_head: the classifier trained first is the named head (the seeds' recipe)."""
+    from losses.margin_heads import make_head
+
+    _, model, terms = _model("triplet", pretrain_steps=2, pretrain_head=head)
+    assert type(terms["classifier"].head) is type(make_head(head, CLASSES))
+    assert terms["classifier"].name == f"{head}_head"
+    model(_batch(1), training=False)
+    assert len(model.losses) == 2 and all(np.isfinite(float(l)) for l in model.losses)
 
 
 def test_heads_need_the_number_of_classes_and_pretraining_needs_triplet():

@@ -44,7 +44,9 @@ def faces(tmp_path_factory):
 
 
 def _train(model_dir, faces, *extra, timeout=300, check=True):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model=tiny", "--image_size=32",
+    # The flag defaults (the built-in data's recipe) unless a test names another recipe.
+    recipe = [] if any(e.startswith("--recipe") for e in extra) else ["--recipe=synthetic"]
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *recipe, "--model=tiny", "--image_size=32",
            f"--data_dir={faces['train_dir']}", f"--val_dir={faces['test_dir']}",
            f"--model_dir={model_dir}", "--identities_per_batch=4", "--images_per_identity=4",
            "--steps_per_epoch=5", "--projector_images=40", *extra]
@@ -332,3 +334,23 @@ def test_margin_head_run_checkpoints_the_head_and_resumes(tmp_path, faces):
     assert kernels, names
     shapes = dict(tf.train.list_variables(os.path.join(model_dir, "checkpoints")))
     assert shapes[kernels[0]] == [128, 16]  # D x identities of the training set
+
+
+def test_real_recipe_is_the_default_with_a_data_dir(tmp_path, faces):
+    """--data_dir with no --recipe: the real-faces recipe fills the flags not given, the images
+    are decoded into memory, and each validation records minutes without validation time."""
+    model_dir = str(tmp_path / "real")
+    proc = _train(model_dir, faces, "--recipe=auto", "--max_steps=10", "--export=false",
+                  "--projector_images=0")
+    m = _metrics(model_dir)
+    assert m["recipe"] == "real" and m["step"] == 10
+    assert "recipe real --loss=triplet --mining=all" in proc.stderr
+    assert "--model=" not in proc.stderr.split("recipe real", 1)[1].splitlines()[0]  # given: kept
+    assert "into memory" in proc.stderr
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["optimizer"] == "adam"
+    for h in m["history"]:
+        assert np.isfinite(h["train_loss"]) and h["images_per_second"] > 0
+        assert 0 < h["elapsed_seconds"] and h["train_seconds"] <= h["elapsed_seconds"]
+    elapsed = [h["elapsed_seconds"] for h in m["history"]]
+    assert elapsed == sorted(elapsed)
