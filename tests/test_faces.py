@@ -455,8 +455,9 @@ def trained(synthetic, tmp_path_factory):
     """train.py: tiny, 32 px, 8 x 4 batches, Adam 3e-3, 400 steps; exported with the threshold
     chosen on the validation renders."""
     model_dir = str(tmp_path_factory.mktemp("run"))
+    # The flag defaults, decoding files every step: the pipeline these thresholds were set with.
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--recipe=synthetic", "--model=tiny",
-           "--image_size=32",
+           "--image_size=32", "--cache_images=off",
            f"--data_dir={synthetic['train']}", f"--val_dir={synthetic['val']}",
            f"--model_dir={model_dir}", "--identities_per_batch=8", "--images_per_identity=4",
            "--steps_per_epoch=400", "--max_steps=400", "--optimizer=adam",
@@ -796,8 +797,9 @@ def real_faces(tmp_path_factory):
         os.symlink(files[0], val / ident / os.path.basename(files[0]))
         os.symlink(files[1], val / ident / os.path.basename(files[1]))
     model_dir = str(root / "run")
+    # The flag defaults, decoding files every step: the pipeline these thresholds were set with.
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--recipe=synthetic", "--model=tiny",
-           "--image_size=32",
+           "--image_size=32", "--cache_images=off",
            f"--data_dir={root / 'train'}", f"--val_dir={val}", f"--model_dir={model_dir}",
            "--identities_per_batch=8", "--images_per_identity=4", "--steps_per_epoch=400",
            "--max_steps=400", "--optimizer=adam", "--learning_rate=0.003", "--projector_images=0"]

@@ -10,7 +10,11 @@ faces"); ``bench/real_faces.py`` reproduces the curves.
 - ``paper``: FaceNet's own setup (Section 4): Adagrad at 0.05, constant rate, triplet loss with
   margin 0.2 on squared L2 distances, semi-hard negatives, ~1,800-image batches (P=45 x K=40); NN4,
   the paper's smallest Inception at 96 px.
-- ``real``: the recipe for in-the-wild aligned crops on a CPU (see RECIPES["real"] below).
+- ``real``: the recipe for in-the-wild aligned crops on a CPU: ``tiny`` at 64 px, batch-all triplets,
+  P=16 x K=8, Adam 1e-3 after a 100-step warm-up. On pins_aligned (70 training people, 20 held
+  out) it reaches 70% held-out accuracy in 7 minutes on 2 cores and ~74% after 20-60 minutes;
+  variants of the loss, head, augmentation, learning rate and network did not beat it in short
+  exploratory runs (issue #13).
 """
 RECIPE_CHOICES = ("auto", "real", "paper", "synthetic")
 
