@@ -160,7 +160,8 @@ def test_resume_keeps_step_and_is_exact(tmp_path, faces):
 
 def test_kill_minus_9_then_resume(tmp_path, faces):
     model_dir = str(tmp_path / "killed")
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--model=tiny", "--image_size=32",
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--recipe=synthetic", "--model=tiny",
+           "--image_size=32",
            f"--data_dir={faces['train_dir']}", f"--val_dir={faces['test_dir']}",
            f"--model_dir={model_dir}", "--identities_per_batch=4", "--images_per_identity=4",
            "--steps_per_epoch=2", "--max_steps=100000", "--export=false"]
