@@ -126,6 +126,33 @@ def _write_plots(result, output_dir, prefix=""):
     return written
 
 
+def _check_paths(holdout_dir):
+    """The folders and files the flags name exist, and the outputs can be written; raises
+    CliError (BAD_EXPORT for --export_dir, USAGE otherwise) naming the flag and the path."""
+    from cli_checks import require_dir, require_file, require_writable_dir, require_writable_parent
+    from exit_codes import BAD_EXPORT, CliError
+
+    if FLAGS.export_dir:
+        require_dir(FLAGS.export_dir, "--export_dir", BAD_EXPORT)
+        if not any(os.path.isfile(os.path.join(FLAGS.export_dir, name))
+                   for name in ("saved_model.pb", "saved_model.pbtxt")):
+            raise CliError(f"--export_dir {FLAGS.export_dir}: not a SavedModel (no saved_model.pb"
+                           f"{'; the folder is empty' if not os.listdir(FLAGS.export_dir) else ''})",
+                           BAD_EXPORT)
+    elif FLAGS.model_dir:
+        require_dir(FLAGS.model_dir, "--model_dir")
+    if FLAGS.lfw_dir:
+        require_dir(FLAGS.lfw_dir, "--lfw_dir")
+    if FLAGS.lfw_pairs:
+        require_file(FLAGS.lfw_pairs, "--lfw_pairs")
+    if holdout_dir and not any(c in holdout_dir for c in "*?["):
+        require_dir(holdout_dir, "--data_dir" if FLAGS.data_dir else "--val_dir")
+    if FLAGS.output_dir:
+        require_writable_dir(FLAGS.output_dir, "--output_dir")
+    if FLAGS.output_json:
+        require_writable_parent(FLAGS.output_json, "--output_json")
+
+
 def run():
     """Run the protocols selected by the flags; returns the JSON-ready results dict."""
     from evaluation.embedder import load_embedder
@@ -139,10 +166,21 @@ def run():
         raise app.UsageError("--lfw_dir and --lfw_pairs go together")
     if not lfw and not holdout_dir:
         raise app.UsageError("nothing to evaluate: give --lfw_dir and --lfw_pairs, or --data_dir")
+    _check_paths(holdout_dir)
     image_size = (project_flags.parse_image_size(FLAGS.image_size, None)
                   if FLAGS.image_size else None)
-    embedder = load_embedder(FLAGS.export_dir, FLAGS.model_dir, image_size=image_size,
-                             batch_size=FLAGS.batch_size)
+    if FLAGS.export_dir:
+        from exit_codes import BAD_EXPORT, CliError
+
+        try:
+            embedder = load_embedder(FLAGS.export_dir, None, image_size=image_size,
+                                     batch_size=FLAGS.batch_size)
+        except (OSError, ValueError) as exc:  # unparsable, no serving_default, bad signature
+            raise CliError(f"--export_dir {FLAGS.export_dir}: not a usable SavedModel "
+                           f"({' '.join(str(exc).split())})", BAD_EXPORT) from None
+    else:
+        embedder = load_embedder(None, FLAGS.model_dir, image_size=image_size,
+                                 batch_size=FLAGS.batch_size)
     model = dict(embedder.metadata)
     model["image_size"] = list(embedder.image_size)
     results = {"model": model, "flip": bool(FLAGS.flip), "strict": bool(FLAGS.strict)}
@@ -180,9 +218,14 @@ def main(argv):
     from evaluation.report import format_summary
     from quiet_tf import import_tensorflow
 
-    import_tensorflow()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
+    from exit_codes import CliError, fail
+
     try:
+        _check_paths(FLAGS.data_dir or FLAGS.val_dir)  # before TensorFlow loads: fails fast
+        import_tensorflow()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
         results = run()
+    except CliError as exc:  # e.g. no checkpoint of --model_dir restores (NO_CHECKPOINT)
+        fail(str(exc), exc.exit_code, program="evaluate.py")
     except (FileNotFoundError, ValueError) as exc:
         # user-facing input problems (bad paths, empty dataset, malformed pairs file): the message,
         # not a traceback; run with --verbosity=1 to see where it came from

@@ -110,27 +110,55 @@ def read_export_metadata(export_dir):
 def restore_backbone(model_dir, checkpoint=None):
     """Rebuild the backbone from model_dir/config.json and restore a checkpoint into it.
 
+    ``checkpoint``: a prefix to restore exactly; by default the newest intact checkpoint (damaged
+    newer ones are skipped with a warning and left in place, training/checkpoints.py). Raises
+    training.checkpoints.NoCheckpointError (exit code NO_CHECKPOINT) when none restores.
     Returns (backbone, run_config, checkpoint_path).
     """
     tf = import_tensorflow()
+    from training.checkpoints import NoCheckpointError, find_intact, require_intact
     from training.run_config import checkpoint_dir, load_run_config
 
     config = load_run_config(model_dir)
+    if checkpoint:
+        path = require_intact(checkpoint)
+    else:
+        path = find_intact(checkpoint_dir(model_dir))
+        if not path:
+            raise NoCheckpointError(f"no checkpoint found in {checkpoint_dir(model_dir)}")
     backbone = config.build_model()
-    path = checkpoint or tf.train.latest_checkpoint(checkpoint_dir(model_dir))
-    if not path:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir(model_dir)}")
     tf.train.Checkpoint(model=backbone).restore(path).expect_partial()
     return backbone, config, path
 
 
-def stored_metrics(model_dir):
-    """What train.py recorded in model_dir/metrics.json (threshold, crop, ...), or {}."""
+def stored_metrics(model_dir, required=True):
+    """What train.py recorded in model_dir/metrics.json (threshold, crop, ...), or {} without one.
+
+    A damaged (unreadable, not JSON, not an object) file raises CliError (exit code DAMAGED_DATA)
+    naming it when ``required``; otherwise (--threshold given) it is ignored with one warning.
+    """
+    from exit_codes import DAMAGED_DATA, CliError
+
     path = os.path.join(model_dir, "metrics.json")
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        if required:
+            raise CliError(f"{path} is damaged ({reason}): it holds the validation threshold; "
+                           "pass --threshold to export without it, or rerun train.py on this "
+                           "--model_dir to rewrite it", DAMAGED_DATA) from None
+        from absl import logging
+
+        logging.warning("ignoring damaged %s (%s): the export records no crop settings", path,
+                        reason)
+        return {}
+    return recorded
 
 
 def export_metadata(config, **extra):
@@ -149,10 +177,20 @@ def main(argv):
     FLAGS = absl_flags.FLAGS
     if not FLAGS.model_dir:
         sys.exit("export.py: --model_dir is required")
-    backbone, config, ckpt = restore_backbone(FLAGS.model_dir, FLAGS.checkpoint)
-    recorded = stored_metrics(FLAGS.model_dir)
-    threshold = FLAGS.threshold if FLAGS.threshold is not None else recorded.get("threshold")
+    from cli_checks import require_dir, require_writable_parent
+    from exit_codes import BAD_EXPORT, CliError
+
+    # User errors first, before TensorFlow loads: one line each (cli_main), no traceback.
+    require_dir(FLAGS.model_dir, "--model_dir")
+    if not os.path.isfile(os.path.join(FLAGS.model_dir, "config.json")):
+        raise CliError(f"--model_dir {FLAGS.model_dir}: no config.json (not a train.py model_dir, "
+                       "or its run saved no checkpoint)")
+    recorded = stored_metrics(FLAGS.model_dir, required=FLAGS.threshold is None)
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
+    require_writable_parent(export_dir, "--export_dir", BAD_EXPORT)
+    # none restores: NoCheckpointError, a CliError (one line, exit code NO_CHECKPOINT)
+    backbone, config, ckpt = restore_backbone(FLAGS.model_dir, FLAGS.checkpoint)
+    threshold = FLAGS.threshold if FLAGS.threshold is not None else recorded.get("threshold")
     meta = export_metadata(config, checkpoint=os.path.basename(ckpt), crop=recorded.get("crop"))
     export_saved_model(backbone, export_dir, config.image_size, meta, threshold)
     print(json.dumps({"export_dir": export_dir, "checkpoint": ckpt, "threshold": threshold}))
@@ -163,5 +201,7 @@ if __name__ == "__main__":
 
     import flags
 
+    from cli_checks import cli_main
+
     flags.define_export_flags()
-    app.run(main)
+    app.run(cli_main(main, "export.py"))

@@ -82,6 +82,9 @@ def define_train_flags():
     flags.DEFINE_integer("images_per_identity", 8, "K: images per identity in a batch.")
     flags.DEFINE_enum("small_identities", "replace", ("replace", "drop"),
                       "Identities with fewer than K images: sample with replacement, or drop.")
+    flags.DEFINE_bool("skip_damaged_shards", False,
+                      "TFRecord --data_dir: train on the intact records of a damaged (e.g. truncated) "
+                      "shard, with a warning counting the records lost, instead of stopping (exit 9).")
     flags.DEFINE_enum("loss", "triplet", LOSS_CHOICES,
                       "Training objective: FaceNet's triplet loss, another metric-learning loss, or "
                       "a classification head over the embedding (see training/objectives.py).")

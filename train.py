@@ -19,6 +19,10 @@ import time
 from absl import app, logging
 
 import flags
+from cli_checks import cli_main, require_dir, require_file, require_writable_dir
+from data.dataset import EmptyDatasetError
+from data.tfrecords import DamagedShardError
+from exit_codes import DAMAGED_DATA, NO_CHECKPOINT, CliError
 from quiet_tf import import_tensorflow
 
 FLAGS = flags.FLAGS
@@ -38,18 +42,49 @@ def _is_tfrecord_source(path):
     return any(ch in path for ch in "*?[") or path.endswith(".tfrecord") or path.endswith(".tfrecords")
 
 
+def _check_inputs():
+    """The folders and files the flags name exist (TF-free: runs before TensorFlow loads).
+
+    Raises CliError (exit code USAGE) naming the flag and the path.
+    """
+    if FLAGS.model_dir:  # the default, runs/<model>, is checked once the recipe has set --model
+        require_writable_dir(FLAGS.model_dir, "--model_dir")
+    if FLAGS.data_dir:
+        if _is_tfrecord_source(FLAGS.data_dir):
+            if not (globlib.glob(FLAGS.data_dir) or os.path.isfile(FLAGS.data_dir)):
+                raise CliError(f"--data_dir {FLAGS.data_dir}: no TFRecord file matches")
+        else:
+            require_dir(FLAGS.data_dir, "--data_dir")
+    if bool(FLAGS.lfw_dir) != bool(FLAGS.lfw_pairs):
+        raise CliError("--lfw_dir and --lfw_pairs go together")
+    if FLAGS.lfw_dir:
+        require_dir(FLAGS.lfw_dir, "--lfw_dir")
+        require_file(FLAGS.lfw_pairs, "--lfw_pairs")
+    elif FLAGS.val_dir:
+        require_dir(FLAGS.val_dir, "--val_dir")
+    if not 0.0 <= FLAGS.val_fraction < 1.0:
+        raise CliError(f"--val_fraction must be in [0, 1) (0: no validation without --val_dir), "
+                       f"got {FLAGS.val_fraction:g}")
+
+
 def _resolve_data(image_size):
-    """Returns (train_source, val_set or None, description dict)."""
+    """Returns (train_source, val_set or None, description dict).
+
+    Unreadable validation images are left out and counted (training/validation.py); an empty or
+    unusable data set raises EmptyDatasetError (a one-line error at the command line).
+    """
     from data.dataset import scan_identity_folder, split_identities
     from training import validation
 
     min_images = 1 if FLAGS.small_identities == "replace" else FLAGS.images_per_identity
+    check_cache = os.path.join(FLAGS.model_dir, "validated_files.json")
     val_set = None
     if FLAGS.lfw_dir and FLAGS.lfw_pairs:
-        val_set = validation.from_lfw_pairs(FLAGS.lfw_pairs, FLAGS.lfw_dir)
+        val_set = validation.from_lfw_pairs(FLAGS.lfw_pairs, FLAGS.lfw_dir, cache_path=check_cache)
     elif FLAGS.val_dir:
         val_set = validation.from_identity_dataset(scan_identity_folder(FLAGS.val_dir),
-                                                   seed=FLAGS.seed)
+                                                   seed=FLAGS.seed, cache_path=check_cache,
+                                                   source=FLAGS.val_dir)
 
     if not FLAGS.data_dir:
         from data.synthetic import ensure_synthetic_dataset
@@ -62,7 +97,8 @@ def _resolve_data(image_size):
             image_size=size, seed=SYNTHETIC_SEED)
         train = scan_identity_folder(info["train_dir"], min_images_per_identity=min_images)
         if val_set is None:
-            val_set = validation.from_lfw_pairs(info["pairs_file"], info["test_dir"])
+            val_set = validation.from_lfw_pairs(info["pairs_file"], info["test_dir"],
+                                                cache_path=check_cache)
         desc = {"data": "synthetic", "train_dir": info["train_dir"], "test_dir": info["test_dir"],
                 "pixel_baseline_accuracy": info.get("pixel_baseline_accuracy")}
         return train, val_set, desc
@@ -80,9 +116,15 @@ def _resolve_data(image_size):
         dataset, cache_path=os.path.join(FLAGS.model_dir, "validated_files.json"))
     if skipped:
         logging.warning("skipped %d unreadable training images (first: %s)", len(skipped), skipped[0])
-    if val_set is None:
+    if val_set is None and FLAGS.val_fraction == 0:
+        logging.warning("--val_fraction=%g and no --val_dir or --lfw_dir/--lfw_pairs: no "
+                        "validation (no accuracy, no threshold in the export)", FLAGS.val_fraction)
+    elif val_set is None:
         dataset, held_out = split_identities(dataset, FLAGS.val_fraction, FLAGS.seed)
-        val_set = validation.from_identity_dataset(held_out, seed=FLAGS.seed)
+        # held_out comes from the checked training images: nothing to decode again
+        val_set = validation.from_identity_dataset(
+            held_out, seed=FLAGS.seed, check_images=False,
+            source=f"{FLAGS.data_dir} (--val_fraction={FLAGS.val_fraction:g} of its identities)")
     from data.align import read_crop_settings
 
     return dataset, val_set, {"data": FLAGS.data_dir, "identities": dataset.num_classes,
@@ -134,7 +176,8 @@ def _num_classes(source):
         return int(source.num_classes)
     from data.tfrecords import load_tfrecords
 
-    return len(load_tfrecords(source).class_names)  # cached: the pipeline reuses the table
+    table = load_tfrecords(source, skip_damaged=FLAGS.skip_damaged_shards)
+    return len(table.class_names)  # cached: the pipeline reuses the table
 
 
 def _total_steps():
@@ -176,16 +219,31 @@ class Trainer:
         # The classifier head (weights, centers) is part of the run's state, not of the export.
         extra = {"classifier": self.terms["classifier"]} if "classifier" in self.terms else {}
         self.checkpoint = tf.train.Checkpoint(model=self.backbone, optimizer=self.optimizer, **extra)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir(FLAGS.model_dir),
-                                                  max_to_keep=FLAGS.keep_checkpoints)
+        self.checkpoint_dir = checkpoint_dir(FLAGS.model_dir)
+        self._manager = None
+        self._config_saved = False
+
+    @property
+    def manager(self):
+        """The CheckpointManager, made on first use: after :meth:`restore` has repaired the
+        checkpoint state (damaged checkpoints moved aside) so that its rotation never sees them."""
+        if self._manager is None:
+            self._manager = self.tf.train.CheckpointManager(
+                self.checkpoint, self.checkpoint_dir, max_to_keep=FLAGS.keep_checkpoints)
+        return self._manager
 
     @property
     def step(self):
         return int(self.optimizer.iterations.numpy())
 
     def restore(self, weights_only=False):
-        """Restore the latest checkpoint; ``weights_only`` skips the optimiser (e.g. --projector_only)."""
-        path = self.manager.latest_checkpoint
+        """Restore the newest intact checkpoint (damaged newer ones are skipped with a warning,
+        training/checkpoints.py); ``weights_only`` (--projector_only) skips the optimiser and leaves
+        the checkpoints folder untouched. Returns the restored prefix, or None for a fresh run."""
+        from training.checkpoints import find_intact
+
+        path = find_intact(self.checkpoint_dir, move_damaged=not weights_only)
+        self._manager = None  # re-read the (possibly rewritten) state file
         if path and weights_only:
             self.tf.train.Checkpoint(model=self.backbone).restore(path).expect_partial()
             logging.info("restored weights from %s", path)
@@ -195,6 +253,13 @@ class Trainer:
         return path
 
     def save(self):
+        """Checkpoint at the current step. config.json is written just before this run's first
+        checkpoint, so a run that fails before training leaves none behind (issue #16)."""
+        if not self._config_saved:
+            from training.run_config import save_run_config
+
+            save_run_config(FLAGS.model_dir, self.config, extra=_objective())
+            self._config_saved = True
         return self.manager.save(checkpoint_number=self.step)
 
 
@@ -206,24 +271,30 @@ def _cached_images(source, image_size):
     if FLAGS.cache_images == "off":
         return None
     size = memory_cache.cache_image_size(image_size, FLAGS.crop_fraction if FLAGS.augment else 1.0)
-    n = len(resolve_source(source)[0])
+    n = len(resolve_source(source, skip_damaged_shards=FLAGS.skip_damaged_shards)[0])
     if FLAGS.cache_images == "auto" and not memory_cache.cache_fits(n, size):
         logging.info("cache_images=auto: %d images at %dx%d (%.1f GB) would take more than a "
                      "quarter of the RAM; decoding from files", n, size[0], size[1],
                      memory_cache.cache_bytes(n, size) / 1e9)
         return None
     logging.info("decoding %d training images into memory at %dx%d", n, size[0], size[1])
-    return memory_cache.decode_to_memory(source, size, progress=sys.stderr.isatty())
+    # a live bar on a terminal, a plain line now and then in a log file (data/progress.py)
+    return memory_cache.decode_to_memory(source, size, progress=True,
+                                         skip_damaged_shards=FLAGS.skip_damaged_shards)
 
 
 def _batches(source, image_size, epoch, images=None):
     from data.pipeline import balanced_dataset
 
-    ds = balanced_dataset(source, FLAGS.identities_per_batch, FLAGS.images_per_identity, image_size,
-                          augment=FLAGS.augment, seed=FLAGS.seed * 1_000_003 + epoch,
-                          small_identities=FLAGS.small_identities,
-                          crop_fraction=FLAGS.crop_fraction, photometric=FLAGS.photometric,
-                          images=images)
+    try:
+        ds = balanced_dataset(source, FLAGS.identities_per_batch, FLAGS.images_per_identity,
+                              image_size, augment=FLAGS.augment,
+                              seed=FLAGS.seed * 1_000_003 + epoch,
+                              small_identities=FLAGS.small_identities,
+                              crop_fraction=FLAGS.crop_fraction, photometric=FLAGS.photometric,
+                              images=images, skip_damaged_shards=FLAGS.skip_damaged_shards)
+    except ValueError as exc:  # P x K the data cannot fill, bad sizes: a user error, one line
+        raise CliError(str(exc)) from exc
     return ds.map(lambda x, y: ({"images": x, "labels": y},))
 
 
@@ -235,7 +306,7 @@ def _validate(trainer, val_set, writer):
 
     tf = trainer.tf
     t0 = time.perf_counter()
-    emb = validation.embed_paths(trainer.backbone, val_set.paths, trainer.config.image_size)
+    emb = validation.embed_set(trainer.backbone, val_set, trainer.config.image_size)
     metrics = validation.score(emb, val_set)
     val = metrics.get("val_at_far", {})
     v3 = val.get("0.001", val.get(0.001))
@@ -246,6 +317,7 @@ def _validate(trainer, val_set, writer):
            "val_at_far_1e-3": None if v3 is None else float(v3),
            "auc": float(metrics["auc"]), "threshold": float(metrics["threshold"]),
            "num_pairs": int(val_set.num_pairs), "num_failed_pairs": int(val_set.num_failed_pairs),
+           "skipped_images": len(val_set.skipped_images),
            "embedding_norm_mean": float(np.mean(np.linalg.norm(emb, axis=1))),
            "seconds": time.perf_counter() - t0}
     with writer.as_default(step=trainer.step):
@@ -283,12 +355,12 @@ def _export(trainer, threshold, desc):
 def main(argv):
     del argv
     t_start = time.monotonic()
+    _check_inputs()
     tf = import_tensorflow(before_first_op=_configure_devices)
     import keras
 
     import models
-    from training.run_config import (RunConfig, check_compatible, config_path, load_run_config,
-                                     save_run_config)
+    from training.run_config import RunConfig, check_compatible, config_path, load_run_config
 
     from training.recipes import apply_recipe, resolve_recipe
 
@@ -301,13 +373,27 @@ def main(argv):
     config = RunConfig(FLAGS.model, image_size, FLAGS.embedding_size, FLAGS.normalization)
     if not FLAGS.model_dir:
         FLAGS.model_dir = os.path.join("runs", FLAGS.model)
+    require_writable_dir(FLAGS.model_dir, "--model_dir")
     os.makedirs(FLAGS.model_dir, exist_ok=True)
+    if not FLAGS.projector_only:  # --projector_only only reads checkpoints: no lock (training/lock.py)
+        from training.lock import lock_model_dir
+
+        lock_model_dir(FLAGS.model_dir)  # released at exit; in use: LockedError, exit code LOCKED
+    from training.checkpoints import list_checkpoints
+    from training.run_config import checkpoint_dir
+
     if os.path.exists(config_path(FLAGS.model_dir)):
-        check_compatible(load_run_config(FLAGS.model_dir), config)
-        if not FLAGS.projector_only:
-            _check_same_objective(FLAGS.model_dir)
-    if not FLAGS.projector_only:
-        save_run_config(FLAGS.model_dir, config, extra=_objective())
+        if list_checkpoints(checkpoint_dir(FLAGS.model_dir))[0]:  # a real resume
+            try:
+                check_compatible(load_run_config(FLAGS.model_dir), config)
+            except ValueError as exc:  # another network, or a damaged config.json
+                raise CliError(" ".join(str(exc).split())) from exc
+            if not FLAGS.projector_only:
+                _check_same_objective(FLAGS.model_dir)
+        elif not FLAGS.projector_only:
+            logging.info("ignoring %s: the run that wrote it saved no checkpoint",
+                         config_path(FLAGS.model_dir))
+    # config.json is (re)written by Trainer.save just before this run's first checkpoint.
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -321,13 +407,16 @@ def main(argv):
     with_classifier = needs_classes(FLAGS.loss, FLAGS.pretrain_softmax_steps)
     trainer = Trainer(tf, config, strategy, total_steps,
                       _num_classes(train_source) if with_classifier else None)
-    resumed = trainer.restore(weights_only=FLAGS.projector_only)
+    resumed = trainer.restore(weights_only=FLAGS.projector_only)  # all damaged: NO_CHECKPOINT
     log_dir = os.path.join(FLAGS.model_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
 
     if FLAGS.projector_only:
         if not resumed:
-            sys.exit(f"--projector_only: no checkpoint in {FLAGS.model_dir}")
+            raise CliError(f"--projector_only: no checkpoint in {FLAGS.model_dir}", NO_CHECKPOINT)
+        if val_set is None:
+            raise CliError("--projector_only needs validation images (--val_dir, --lfw_dir/--lfw_pairs "
+                           "or --val_fraction > 0)")
         print(json.dumps({"projector_config": _write_projector(trainer, val_set, log_dir)}))
         return
 
@@ -399,7 +488,8 @@ def main(argv):
                "stopped_by_time_limit": time_limit.hit, "resumed_from": resumed, **desc}
     if last:
         summary.update({k: last[k] for k in ("accuracy_mean", "accuracy_std", "val_at_far_1e-3",
-                                             "auc", "threshold", "num_pairs", "num_failed_pairs")})
+                                             "auc", "threshold", "num_pairs", "num_failed_pairs",
+                                             "skipped_images")})
     if val_set is not None:
         summary["projector_config"] = _write_projector(trainer, val_set, log_dir)
     if FLAGS.export:
@@ -407,11 +497,15 @@ def main(argv):
     summary.update({"model_dir": FLAGS.model_dir, "log_dir": log_dir,
                     "checkpoint": trainer.manager.latest_checkpoint,
                     "total_seconds": round(time.monotonic() - t_start, 1)})
-    with open(os.path.join(FLAGS.model_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({**summary, "history": history}, f, indent=2)
+    from data.atomic import write_text_atomically
+
+    write_text_atomically(os.path.join(FLAGS.model_dir, "metrics.json"),
+                          json.dumps({**summary, "history": history}, indent=2))
     writer.close()
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # user errors (CliError, an empty data set) end as one line on stderr with an exit_codes code
+    app.run(cli_main(main, "train.py", user_errors=(EmptyDatasetError,
+                                                    (DamagedShardError, DAMAGED_DATA))))

@@ -226,7 +226,8 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
         detect_only: path of a JSON file: write all detections there, no crops.
         min_face_size, thresholds: MTCNN settings (None: data.detect defaults).
         max_decode_side: longer side above which photos are decoded reduced.
-        progress: show a keras Progbar.
+        progress: report progress on stderr (data.progress: a live bar on a terminal, a plain
+            line every 10 s otherwise).
         device: TensorFlow device for MTCNN.
         detector: a ready :class:`data.detect.FaceDetector` to use when workers == 1 (then
             min_face_size, thresholds and device are ignored).
@@ -271,11 +272,9 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
         report.write("path\treason\tdetail\n")
     records = {}
     by_reason = collections.Counter()
-    bar = None
-    if progress and todo:
-        from keras.utils import Progbar
+    from data.progress import progress as make_progress
 
-        bar = Progbar(len(todo), unit_name="image")
+    bar = make_progress(len(todo), unit="image", label="aligning", enabled=bool(progress and todo))
     workers = max(1, min(int(workers), len(todo) or 1))
     try:
         if workers == 1:
@@ -304,8 +303,7 @@ def run_alignment(input_dir, output_dir=None, image_size=160, margin=32, mode="b
                 clean = " ".join(str(detail).split())
                 report.write(f"{rel}\t{reason}\t{clean}\n")
                 report.flush()
-            if bar:
-                bar.update(i)
+            bar.update(i)
         if pool:
             pool.close()
             pool.join()
@@ -382,6 +380,8 @@ def _define_flags():
 def main(argv=None):
     from absl import app
 
+    from cli_checks import cli_main, require_dir, require_writable_dir, require_writable_parent
+
     FLAGS = _define_flags()
 
     def _main(args):
@@ -391,6 +391,12 @@ def main(argv=None):
             raise app.UsageError("--input_dir is required")
         if not FLAGS.output_dir and not FLAGS.detect_only:
             raise app.UsageError("--output_dir is required (or --detect_only FILE.json)")
+        # missing or unwritable folders: one line and exit code USAGE (cli_main), no traceback
+        require_dir(FLAGS.input_dir, "--input_dir")
+        if FLAGS.detect_only:
+            require_writable_parent(FLAGS.detect_only, "--detect_only")
+        else:
+            require_writable_dir(FLAGS.output_dir, "--output_dir")
         thresholds = [float(t) for t in FLAGS.thresholds] if FLAGS.thresholds else None
         result = run_alignment(FLAGS.input_dir, FLAGS.output_dir, image_size=FLAGS.image_size,
                                margin=FLAGS.margin, mode=FLAGS.align, workers=FLAGS.workers,
@@ -399,7 +405,7 @@ def main(argv=None):
                                device=FLAGS.device)
         print(json.dumps(result), flush=True)
 
-    app.run(_main, argv=argv or sys.argv)
+    app.run(cli_main(_main, "data.align"), argv=argv or sys.argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ Policies (decided here, once, for training, alignment and deployment):
   legitimate but huge photos: it refuses only above :data:`HARD_MAX_PIXELS` (1.6 GP, e.g.
   40000 x 40000) and decodes JPEGs at 1/2, 1/4 or 1/8 scale in the decoder (``Image.draft``), so a
   400 MP JPEG costs a 6 MP decode. Other formats have no reduced decode, so they must fit
-  :data:`DEFAULT_MAX_PIXELS` even there.
+  :data:`DEFAULT_MAX_PIXELS` even there. :func:`declared_pixels` reads the declared size alone
+  (the training pipeline checks it before TensorFlow's decoders see a file).
 
 Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, 179 MP) is lifted while *this
 module* opens a file, under a lock, because the limits above replace it; it is restored afterwards
@@ -32,6 +33,7 @@ and other Pillow users in the process are unaffected outside that window.
 """
 import contextlib
 import os
+import struct
 import threading
 import warnings
 
@@ -132,6 +134,66 @@ def probe_image(path):
         return img.size[0], img.size[1], img.mode
     finally:
         img.close()
+
+
+#: Segments walked at most by :func:`jpeg_frame_size` (a camera JPEG has ~15 before its pixels).
+JPEG_MAX_SEGMENTS = 128
+_HEAD_BYTES = 1 << 16
+
+
+def jpeg_frame_size(data):
+    """``(height, width)`` declared by a JPEG's SOF segment, (0, 0) when none is found.
+
+    ``data``: the file's bytes (or its beginning). Walks the marker segments from the SOI to the
+    first SOS, reading no pixel data; stops at a byte that is not a marker, when fewer than 10
+    bytes are left, or after :data:`JPEG_MAX_SEGMENTS` steps. The frame size is the one
+    ``tf.image.extract_jpeg_shape`` and Pillow read.
+    """
+    n, pos = len(data), 2
+    for _ in range(JPEG_MAX_SEGMENTS):
+        if pos + 10 > n or data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, SOS: the header is over
+            break
+        length = data[pos + 2] * 256 + data[pos + 3]
+        if length < 2:
+            break
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[pos + 5] * 256 + data[pos + 6], data[pos + 7] * 256 + data[pos + 8]
+        pos += 2 + length
+    return 0, 0
+
+
+def declared_pixels(path):
+    """Width x height that the header of ``path`` declares, without decoding anything.
+
+    PNG, BMP and JPEG are read from their first 64 KiB (a few microseconds); other formats, or a
+    JPEG whose frame header lies further in, through :func:`probe_image` (Pillow).
+
+    Raises:
+        UnreadableImageError, FileNotFoundError: as :func:`probe_image`.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
+        width, height = struct.unpack_from(">II", head, 16)
+        return width * height
+    if head[:2] == b"BM" and len(head) >= 26:
+        width, height = struct.unpack_from("<ii", head, 18)
+        return abs(width) * abs(height)
+    if head[:3] == b"\xff\xd8\xff":
+        height, width = jpeg_frame_size(head)
+        if height and width:
+            return height * width
+    width, height, _ = probe_image(path)
+    return width * height
 
 
 def _classify_decode_error(path, exc):

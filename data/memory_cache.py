@@ -54,19 +54,27 @@ def cache_fits(num_images, size, fraction=DEFAULT_MEMORY_FRACTION):
 
 
 def decode_to_memory(source, size, batch_size=256, progress=True,
-                     num_parallel_calls=tf.data.AUTOTUNE):
+                     num_parallel_calls=tf.data.AUTOTUNE, skip_damaged_shards=False):
     """Every image of ``source``, decoded and resized to ``size``: uint8 [N, h, w, 3].
 
     Args:
       source: an :class:`~data.dataset.IdentityDataset` (validated: a corrupt file fails here
         with an error naming it) or a TFRecord source as for ``balanced_dataset``.
       size: (h, w) in pixels.
+      progress: report progress on stderr (data.progress: a live bar on a terminal, a plain
+        line every 10 s otherwise).
+      skip_damaged_shards: TFRecord sources, as for ``balanced_dataset``.
     Returns:
       uint8 [N, h, w, 3] in the source's item order (the order ``balanced_dataset`` indexes).
+    Raises:
+      ValueError: an image that cannot be decoded, named; a file whose header declares more than
+        ``data.image_io.DEFAULT_MAX_PIXELS`` fails here (reason "too_large") without being decoded.
     """
     from data.pipeline import decode_image, load_image, resolve_source
 
-    items, _, _, items_are_bytes = resolve_source(source)
+    from data.progress import progress as make_progress
+
+    items, _, _, items_are_bytes = resolve_source(source, skip_damaged_shards=skip_damaged_shards)
     n = len(items)
     size = (int(size[0]), int(size[1]))
     table = tf.constant(list(items) if items_are_bytes else [os.fspath(x) for x in items],
@@ -82,18 +90,13 @@ def decode_to_memory(source, size, batch_size=256, progress=True,
                                       deterministic=True)
     ds = ds.batch(batch_size).prefetch(2)
     out = np.empty([n, size[0], size[1], 3], np.uint8)
-    bar = None
-    if progress:
-        import keras
-
-        bar = keras.utils.Progbar(n, unit_name="image")
+    bar = make_progress(n, unit="image", label="decoding into memory", enabled=progress)
     done = 0
     try:
         for batch in ds.as_numpy_iterator():
             out[done:done + len(batch)] = batch
             done += len(batch)
-            if bar is not None:
-                bar.update(done)
+            bar.update(done)
     except tf.errors.OpError as exc:
         # The failing image is in the next batch: name it (validate_files drops such files).
         for i in range(done, min(done + batch_size, n)):

@@ -16,11 +16,15 @@ All randomness is stateless and derived from ``(seed, batch number, position)``,
 gives the same batches (pixels included) whatever the parallelism.
 
 Decoding: JPEG (without EXIF), BMP and PNG without alpha/palette are decoded in-graph by TensorFlow;
-anything else (PGM/PPM, GIF, WebP, TIFF, PNG with alpha or palette, EXIF JPEGs, whose orientation
-TensorFlow would ignore) goes through :func:`data.image_io.read_image` (grey -> 3 channels, alpha
-composited on white, EXIF orientation applied), so both routes give the same pixels. The pipeline expects **validated** data: a corrupt file fails the input pipeline
+anything else (PGM/PPM, GIF, WebP, TIFF, PNG with alpha or palette, JPEGs with an EXIF block
+anywhere among their segments, whose orientation TensorFlow would ignore) goes through
+:func:`data.image_io.read_image` (grey -> 3 channels, alpha composited on white, EXIF orientation
+applied), so both routes give the same, upright pixels. Size limit: a file whose header declares
+more than ``data.image_io.DEFAULT_MAX_PIXELS`` is never given to TensorFlow's decoders; image_io
+refuses it (reason "too_large") before decoding, so a decompression bomb fails fast instead of
+exhausting memory. The pipeline expects **validated** data: a corrupt file fails the input pipeline
 with an error naming the file. Run :func:`validate_files` once (train.py does) to drop and report
-bad files up front.
+bad files up front (too-large files are refused there from their header alone).
 """
 from __future__ import annotations
 
@@ -46,39 +50,75 @@ SMALL_IDENTITY_POLICIES = ("replace", "drop")
 # ----------------------------------------------------------------------------------------------
 
 _HEADER_BYTES = 64
+#: A JPEG is routed to data.image_io when its first ORIENTATION_WINDOW bytes hold an EXIF block
+#: ("Exif\0\0", wherever it sits: after APP0, COM, ... segments) or an XMP orientation
+#: ("tiff:Orientation"): Pillow applies both, TensorFlow neither. Mirrored by data.tfrecords.
+ORIENTATION_WINDOW = 1 << 18
+_ORIENTATION_PATTERN = "Exif\x00\x00|tiff:Orientation"
 
 
-def _tf_decodable(contents):
+def _tf_decodable(contents, max_pixels=None):
     """bool scalar: TensorFlow's decoder gives the same pixels as data.image_io for these bytes.
 
-    True for JPEG without an EXIF block (TensorFlow ignores EXIF orientation, image_io applies
-    it; aligned crops carry none), BMP, and PNG whose IHDR colour type is 0 (grey) or 2 (RGB).
-    Everything else (PGM/PPM, GIF, WebP, TIFF, PNG with alpha or a palette, EXIF JPEGs, empty or
-    garbage files) goes to data.image_io. Mirrored by data.tfrecords.native_format.
+    See :func:`_routing`, which also says whether the bytes are a JPEG.
     """
+    return _routing(contents, max_pixels)[0]
+
+
+def _routing(contents, max_pixels=None):
+    """-> (tf_decodable bool scalar, is_jpeg bool scalar) for encoded image bytes.
+
+    ``tf_decodable`` is True for JPEG without EXIF/XMP orientation data (TensorFlow ignores
+    orientation, image_io applies it; aligned crops carry none; see :data:`ORIENTATION_WINDOW`),
+    BMP, and PNG whose IHDR colour type is 0 (grey) or 2 (RGB); BMP and PNG only when the size
+    their header declares is at most ``max_pixels`` (default data.image_io.DEFAULT_MAX_PIXELS;
+    larger ones go to image_io, which refuses them, reason "too_large", before decoding anything;
+    a JPEG's size is checked by :func:`decode_image`). Everything else (PGM/PPM, GIF, WebP, TIFF,
+    PNG with alpha or a palette, EXIF JPEGs, empty or garbage files) goes to data.image_io.
+    Mirrored by data.tfrecords.native_format.
+    """
+    if max_pixels is None:
+        from data.image_io import DEFAULT_MAX_PIXELS as max_pixels
     # A fixed-size, zero-padded header: substr fails past the end of short files.
     head = tf.strings.substr(tf.strings.substr(contents, 0, _HEADER_BYTES) + b"\0" * _HEADER_BYTES,
                              0, _HEADER_BYTES)
-    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int32)  # [64]
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)  # [64]
 
     def at(i, values):
         return tf.reduce_all(tf.equal(tf.gather(b, i + tf.range(len(values))),
-                                      tf.constant(list(values), tf.int32)))
+                                      tf.constant(list(values), tf.int64)))
 
+    def be32(i):
+        return b[i] * 2**24 + b[i + 1] * 2**16 + b[i + 2] * 2**8 + b[i + 3]
+
+    def le32_signed(i):
+        u = b[i] + b[i + 1] * 2**8 + b[i + 2] * 2**16 + b[i + 3] * 2**24
+        return tf.where(u >= 2**31, u - 2**32, u)
+
+    window = tf.strings.substr(contents, 0, ORIENTATION_WINDOW)
+    oriented = tf.strings.length(tf.strings.regex_replace(
+        window, _ORIENTATION_PATTERN, "", replace_global=False)) < tf.strings.length(window)
     is_jpeg = at(0, b"\xff\xd8\xff")
-    # EXIF as the first segment (APP1 at 2), or right after a JFIF APP0 segment.
-    exif_first = tf.logical_and(tf.equal(b[3], 0xE1), at(6, b"Exif"))
-    app1 = 4 + b[4] * 256 + b[5]  # start of the segment after APP0
-    exif_second = tf.logical_and(
-        tf.logical_and(tf.equal(b[3], 0xE0), app1 + 8 <= _HEADER_BYTES),
-        at(tf.minimum(app1, _HEADER_BYTES - 8), b"\xff\xe1") & at(
-            tf.minimum(app1 + 4, _HEADER_BYTES - 4), b"Exif"))
-    plain_jpeg = tf.logical_and(is_jpeg, tf.logical_not(tf.logical_or(exif_first, exif_second)))
-    is_bmp = at(0, b"BM")
+    plain_jpeg = tf.logical_and(is_jpeg, tf.logical_not(oriented))
+    bmp = tf.logical_and(at(0, b"BM"),
+                         tf.abs(le32_signed(18)) * tf.abs(le32_signed(22)) <= max_pixels)
     png_plain = tf.logical_and(
         tf.logical_and(at(0, b"\x89PNG\r\n\x1a\n"), tf.strings.length(contents) > 25),
         tf.logical_or(tf.equal(b[25], 0), tf.equal(b[25], 2)))
-    return tf.logical_or(tf.logical_or(plain_jpeg, is_bmp), png_plain)
+    png_plain = tf.logical_and(png_plain, be32(16) * be32(20) <= max_pixels)
+    return tf.logical_or(tf.logical_or(plain_jpeg, bmp), png_plain), is_jpeg
+
+
+def _jpeg_small_enough(contents, max_pixels=None):
+    """bool scalar for a JPEG: the frame size in its header is at most ``max_pixels``.
+
+    Reads the header only (``tf.image.extract_jpeg_shape``); fails, like the decoder would, on a
+    JPEG whose header is unreadable.
+    """
+    if max_pixels is None:
+        from data.image_io import DEFAULT_MAX_PIXELS as max_pixels
+    shape = tf.cast(tf.image.extract_jpeg_shape(contents), tf.int64)
+    return shape[0] * shape[1] <= max_pixels
 
 
 def _read_with_image_io(path: str) -> np.ndarray:
@@ -98,6 +138,8 @@ def _py_decode_path(path) -> np.ndarray:
 
 
 def _py_decode_bytes(contents) -> np.ndarray:
+    from data.image_io import UnreadableImageError
+
     contents = _as_bytes(contents)
     if len(contents) == 0:
         raise ValueError("empty image bytes")
@@ -105,7 +147,11 @@ def _py_decode_bytes(contents) -> np.ndarray:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(contents)
-        return _read_with_image_io(tmp)
+        try:
+            return _read_with_image_io(tmp)
+        except UnreadableImageError as exc:  # name the bytes, not the temporary file
+            raise ValueError(f"encoded image ({len(contents):,} bytes): "
+                             f"{str(exc).replace(tmp, '').lstrip(': ')}") from None
     finally:
         os.unlink(tmp)
 
@@ -115,7 +161,9 @@ def decode_image(contents, path=None):
 
     TF-native formats are decoded in-graph; others through ``data.image_io.read_image`` (reading
     ``path`` when given, else the bytes). Grey is repeated to 3 channels, alpha composited on
-    white, EXIF orientation applied (see data.image_io). Both routes give the same pixels.
+    white, EXIF orientation applied (see data.image_io). Both routes give the same pixels. Files
+    declaring more than ``data.image_io.DEFAULT_MAX_PIXELS`` fail (reason "too_large") without
+    being decoded.
     """
     contents = tf.convert_to_tensor(contents, tf.string)
 
@@ -129,7 +177,11 @@ def decode_image(contents, path=None):
             img = tf.numpy_function(_py_decode_bytes, [contents], tf.uint8, stateful=False)
         return tf.ensure_shape(img, [None, None, 3])
 
-    image = tf.cond(_tf_decodable(contents), tf_decode, py_decode)
+    native, is_jpeg = _routing(contents)
+    # A JPEG's frame size is not at a fixed offset: read its header before letting TF decode it.
+    native = tf.cond(tf.logical_and(native, is_jpeg),
+                     lambda: _jpeg_small_enough(contents), lambda: native)
+    image = tf.cond(native, tf_decode, py_decode)
     return tf.ensure_shape(image, [None, None, 3])
 
 
@@ -188,20 +240,43 @@ def _save_validation_cache(cache_path, entries):
     write_text_atomically(cache_path, json.dumps({"format": 1, "files": entries}))
 
 
-def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE, cache_path=None
-                   ) -> Tuple[IdentityDataset, List[Tuple[str, str]]]:
+def _too_large(paths, max_pixels):
+    """Indices (into ``paths``) of files whose header declares more than ``max_pixels``.
+
+    Reads headers only (``data.image_io.declared_pixels``, no pixel data), so a decompression bomb
+    is caught before any decoder sees it. Files whose header cannot be read are left to the full
+    decode, which reports them.
+    """
+    from data.image_io import declared_pixels
+
+    found = []
+    for i, path in enumerate(paths):
+        try:
+            pixels = declared_pixels(path)
+        except Exception:  # noqa: BLE001 - missing/unreadable: the decode pass reports it
+            continue
+        if pixels > max_pixels:
+            found.append(i)
+    return found
+
+
+def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE, cache_path=None,
+                   max_pixels=None) -> Tuple[IdentityDataset, List[Tuple[str, str]]]:
     """Decodes every image once, exactly as the training pipeline will, and drops bad ones.
 
     Cost: one full decode per image, in parallel (a 250 px JPEG takes ~1-2 ms per core, so 0.5 M
     images take several minutes on 2 cores). With ``cache_path`` (a JSON file; train.py keeps one
     in its model_dir) the verdicts are stored per path with the file's size and mtime, and a later
     call decodes only new or changed files. Bad files (missing, zero-byte, not an image,
-    truncated, unsupported) are logged and returned with a reason; identities left without any
-    image are dropped (logged) and the rest keep their order but are relabelled 0..C'-1 if any
-    identity disappears.
+    truncated, unsupported, too_large) are logged and returned with a reason; identities left
+    without any image are dropped (logged) and the rest keep their order but are relabelled
+    0..C'-1 if any identity disappears. Files whose header declares more than ``max_pixels`` are
+    refused from the header alone (reason "too_large") and never reach a decoder.
 
     Args:
       dataset: the scanned dataset.
+      max_pixels: declared width x height above which a file is refused (default
+        ``data.image_io.DEFAULT_MAX_PIXELS``, as on every other decoding path).
     Returns:
       ``(clean, skipped)`` with ``skipped`` a list of ``(path, reason)``.
     Raises:
@@ -220,6 +295,14 @@ def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
             good[i] = bool(hit[1])
         else:
             todo.append(i)
+    if max_pixels is None:
+        from data.image_io import DEFAULT_MAX_PIXELS as max_pixels
+    reasons = {}
+    if todo:
+        bombs = set(_too_large([dataset.paths[i] for i in todo], max_pixels))
+        for j in sorted(bombs):
+            reasons[dataset.paths[todo[j]]] = "too_large"
+        todo = [i for j, i in enumerate(todo) if j not in bombs]
     if todo:
         paths = tf.constant([dataset.paths[i] for i in todo], tf.string)
         index = tf.constant(todo, tf.int64)
@@ -237,10 +320,11 @@ def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
     if cache_path:
         cache.update({p: [k, bool(g)] for p, k, g in zip(dataset.paths, keys, good) if k is not None})
         _save_validation_cache(cache_path, cache)
-    logging.info("validate_files: decoded %d of %d images (%d verdicts from the cache)",
-                 len(todo), n, n - len(todo))
-    skipped = [(dataset.paths[i], _failure_reason(dataset.paths[i]))
-               for i in np.flatnonzero(~good)]
+    logging.info("validate_files: decoded %d of %d images (%d verdicts from the cache, %d "
+                 "refused from their header)", len(todo), n, n - len(todo) - len(reasons),
+                 len(reasons))
+    skipped = [(dataset.paths[i], reasons.get(dataset.paths[i])
+                or _failure_reason(dataset.paths[i])) for i in np.flatnonzero(~good)]
     for path, reason in skipped[:20]:
         logging.warning("validate_files: skipping %s (%s)", path, reason)
     if len(skipped) > 20:
@@ -263,8 +347,13 @@ def validate_files(dataset: IdentityDataset, num_parallel_calls=tf.data.AUTOTUNE
 # Balanced sampling
 # ----------------------------------------------------------------------------------------------
 
-def resolve_source(source):
-    """-> (items: np.ndarray of str/bytes [N], labels int32 [N], class_names, items_are_bytes)."""
+def resolve_source(source, skip_damaged_shards=False):
+    """-> (items: np.ndarray of str/bytes [N], labels int32 [N], class_names, items_are_bytes).
+
+    ``skip_damaged_shards`` (TFRecord sources only): keep the records read before the damage in a
+    truncated or corrupt shard, with a warning per shard, instead of raising
+    :class:`data.tfrecords.DamagedShardError` (see :func:`data.tfrecords.load_tfrecords`).
+    """
     if isinstance(source, IdentityDataset):
         if len(source) == 0:
             raise EmptyDatasetError("balanced_dataset: the dataset holds no images")
@@ -274,7 +363,7 @@ def resolve_source(source):
                                                       for s in source)):
         from data.tfrecords import load_tfrecords
 
-        table = load_tfrecords(source)
+        table = load_tfrecords(source, skip_damaged=skip_damaged_shards)
         return table.encoded, table.labels, table.class_names, True
     raise TypeError("source must be an IdentityDataset or a TFRecord glob / list of files, got "
                     f"{type(source).__name__}")
@@ -298,7 +387,8 @@ def usable_identities(counts: np.ndarray, images_per_identity: int, small_identi
 def balanced_dataset(source, identities_per_batch: int, images_per_identity: int, image_size,
                      augment: bool = True, seed=None, small_identities: str = "replace",
                      crop_fraction: float = 0.875, flip: bool = True, photometric: bool = False,
-                     num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE, images=None):
+                     num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE, images=None,
+                     skip_damaged_shards=False):
     """Infinite dataset of identity-balanced batches (FaceNet Section 3.2).
 
     Args:
@@ -320,12 +410,16 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
       images: optional uint8 [N, h, w, 3], every item of ``source`` already decoded (in its item
         order; see :mod:`data.memory_cache`). Batches are then gathered from it instead of
         decoding files; sampling and augmentation are unchanged.
+      skip_damaged_shards: TFRecord sources: train on the records before the damage of a
+        truncated/corrupt shard (one warning per shard, counting what was lost) instead of raising
+        :class:`data.tfrecords.DamagedShardError` naming it.
     Returns:
       tf.data.Dataset of ``(images float32 [P*K, H, W, 3] preprocessed as data.preprocess,
       labels int32 [P*K])``; labels are the source's class indices; images of one identity are
       contiguous (identity p occupies rows p*K .. p*K+K-1).
     Raises:
       ValueError: fewer than P usable identities, bad arguments.
+      data.tfrecords.DamagedShardError (a ValueError): a damaged shard, unless skip_damaged_shards.
     """
     p = int(identities_per_batch)
     k = int(images_per_identity)
@@ -337,7 +431,8 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     image_size = (int(image_size[0]), int(image_size[1]))
-    items, labels, class_names, items_are_bytes = resolve_source(source)
+    items, labels, class_names, items_are_bytes = resolve_source(
+        source, skip_damaged_shards=skip_damaged_shards)
     num_classes = len(class_names)
     order, starts, counts = _class_table(np.asarray(labels, np.int32), num_classes)
     usable = usable_identities(counts, k, small_identities)
@@ -351,10 +446,15 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
                          "sampled with replacement (%d have a single image)", small, k,
                          int((counts == 1).sum()))
     if usable.size < p:
+        remedies = "lower identities_per_batch"
+        if small_identities != "replace":
+            remedies += ", lower images_per_identity or use small_identities='replace'"
+        else:
+            remedies += " or add identities"
         raise ValueError(
             f"balanced_dataset: only {usable.size} identities are usable (small_identities="
-            f"{small_identities!r}, K={k}) but a batch needs P={p} distinct identities; lower "
-            f"identities_per_batch, lower images_per_identity or use small_identities='replace'")
+            f"{small_identities!r}, K={k}) but a batch needs P={p} distinct identities; "
+            f"{remedies}")
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     base_seed = tf.constant([int(seed) & 0x7FFFFFFF, 0x5EED], tf.int64)

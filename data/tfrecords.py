@@ -9,9 +9,9 @@ summary. Each record is a ``tf.train.Example`` with
 
 =====================  =======  ===========================================================
 ``image/encoded``      bytes    the file's own bytes when TensorFlow decodes them exactly as
-                                ``data.image_io`` does (JPEG without EXIF, BMP, PNG without
-                                alpha/palette); otherwise (PGM/PPM, WebP, GIF, TIFF, PNG with
-                                alpha, EXIF JPEG...) the
+                                ``data.image_io`` does (JPEG without EXIF anywhere, BMP, PNG
+                                without alpha/palette); otherwise (PGM/PPM, WebP, GIF, TIFF, PNG
+                                with alpha, EXIF JPEG...) the
                                 image decoded by ``data.image_io.read_image`` re-encoded as
                                 lossless RGB PNG
 ``image/format``       bytes    ``jpeg`` / ``png`` / ``bmp``
@@ -22,8 +22,9 @@ summary. Each record is a ``tf.train.Example`` with
 ``image/index``        int64    position in the source IdentityDataset (the reader restores it)
 =====================  =======  ===========================================================
 
-Bad files (zero bytes, not an image, truncated...) are skipped, counted and listed in the summary
-and in ``classes.json``. Images are spread over shards in a seeded random order, so every shard
+Bad files (zero bytes, not an image, truncated, declaring more than
+``data.image_io.DEFAULT_MAX_PIXELS``...) are skipped, counted and listed in the summary and in
+``classes.json``. Images are spread over shards in a seeded random order, so every shard
 mixes identities.
 
 Read: :func:`load_tfrecords` loads **all records into memory** (encoded bytes, not pixels) so that
@@ -33,7 +34,9 @@ Trade-off: memory = total shard size (aligned 160 px JPEG faces are ~5-10 kB, so
 (default 16 GiB, or $FACENET_TFRECORD_MAX_BYTES); for larger sets train from the folder, where
 only paths are held in memory and files are read on demand. Streaming readers (shuffle buffers,
 per-identity interleaves) cannot guarantee exact P x K identity balance, which the triplet mining
-(FaceNet Section 3.2) depends on.
+(FaceNet Section 3.2) depends on. A truncated or corrupt shard raises :class:`DamagedShardError`
+naming it; ``load_tfrecords(..., skip_damaged=True)`` keeps the records before the damage instead
+and logs one warning per damaged shard counting the records kept and lost.
 """
 from __future__ import annotations
 
@@ -42,11 +45,15 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
+import struct
 import sys
+import threading
 import time
 from typing import List, Sequence
 
 import numpy as np
+from absl import logging
 
 from data.dataset import EmptyDatasetError, IdentityDataset
 
@@ -57,26 +64,38 @@ DEFAULT_MAX_BYTES = 16 << 30
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def native_format(head: bytes):
+#: Mirrors data.pipeline.ORIENTATION_WINDOW: a JPEG whose first bytes hold one of these goes to
+#: data.image_io, which applies the EXIF (or XMP) orientation that TensorFlow ignores.
+ORIENTATION_WINDOW = 1 << 18
+ORIENTATION_TAGS = (b"Exif\0\0", b"tiff:Orientation")
+def native_format(contents: bytes, max_pixels: int = None):
     """'jpeg'/'bmp'/'png' when TensorFlow's decoder matches data.image_io on these bytes, else None.
 
-    ``head``: the first 64 bytes (or more) of the file. Mirrors data.pipeline._tf_decodable: JPEG
-    without EXIF, BMP, PNG of colour type 0 (grey) or 2 (RGB).
+    ``contents``: the whole file (or at least its first :data:`ORIENTATION_WINDOW` bytes). Mirrors
+    data.pipeline's routing (``_tf_decodable`` and decode_image's JPEG size check): JPEG without
+    EXIF/XMP orientation data in that window, BMP, PNG of colour type 0 (grey) or 2 (RGB); each
+    only when its header declares at most ``max_pixels`` (default
+    data.image_io.DEFAULT_MAX_PIXELS).
     """
-    size = len(head)
-    head = bytes(head[:64]).ljust(64, b"\0")
+    from data.image_io import DEFAULT_MAX_PIXELS, jpeg_frame_size
+
+    if max_pixels is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    contents = bytes(contents)
+    size = len(contents)
+    head = contents[:64].ljust(64, b"\0")
     if head[:3] == b"\xff\xd8\xff":
-        if head[3] == 0xE1 and head[6:10] == b"Exif":
+        window = contents[:ORIENTATION_WINDOW]
+        if any(tag in window for tag in ORIENTATION_TAGS):
             return None
-        app1 = 4 + head[4] * 256 + head[5]
-        if head[3] == 0xE0 and app1 + 8 <= 64 and head[app1:app1 + 2] == b"\xff\xe1" \
-                and head[app1 + 4:app1 + 8] == b"Exif":
-            return None
-        return "jpeg"
+        height, width = jpeg_frame_size(contents)
+        return "jpeg" if height * width <= max_pixels else None
     if head[:2] == b"BM":
-        return "bmp"
+        width, height = struct.unpack_from("<ii", head, 18)
+        return "bmp" if abs(width) * abs(height) <= max_pixels else None
     if head[:8] == _PNG_SIGNATURE and size > 25 and head[25] in (0, 2):
-        return "png"
+        width, height = struct.unpack_from(">II", head, 16)
+        return "png" if width * height <= max_pixels else None
     return None
 
 
@@ -93,7 +112,7 @@ def _encode_one(path: str):
     image = read_image(path)  # validates (raises UnreadableImageError with .reason)
     with open(path, "rb") as f:
         contents = f.read()
-    fmt = native_format(contents[:64])
+    fmt = native_format(contents)
     if fmt is not None:
         return contents, fmt, image.shape[0], image.shape[1], False
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
@@ -140,7 +159,8 @@ def write_tfrecords(dataset: IdentityDataset, output_dir, num_shards: int, prefi
       root: folder that ``image/filename`` is relative to (default: common parent of the paths).
       seed: order in which images are spread over shards.
       num_threads: decode/encode threads (default: CPU count).
-      progress: show a keras Progbar.
+      progress: report progress on stderr (data.progress: a live bar on a terminal, a plain line
+        every 10 s otherwise).
     Returns:
       JSON-serialisable summary: images_written, skipped (count), skipped_files [(path, reason)],
       reencoded, identities, shards, output_dir, seconds.
@@ -163,11 +183,10 @@ def write_tfrecords(dataset: IdentityDataset, output_dir, num_shards: int, prefi
     names = [shard_name(prefix, s, num_shards) for s in range(num_shards)]
     tmp_paths = [os.path.join(output_dir, n + ".tmp") for n in names]
     writers = [tf.io.TFRecordWriter(p) for p in tmp_paths]
-    bar = None
-    if progress:
-        import keras
+    from data.progress import progress as make_progress
 
-        bar = keras.utils.Progbar(len(dataset), unit_name="image", stateful_metrics=["skipped"])
+    bar = make_progress(len(dataset), unit="image", label="writing shards", enabled=progress,
+                        stateful_metrics=["skipped"])
     skipped, reencoded, written = [], 0, 0
     per_class = np.zeros(dataset.num_classes, np.int64)
     shard_counts = np.zeros(num_shards, np.int64)
@@ -198,9 +217,8 @@ def write_tfrecords(dataset: IdentityDataset, output_dir, num_shards: int, prefi
                     reencoded += int(re)
                     per_class[label] += 1
                     shard_counts[shard_of[i]] += 1
-                if bar is not None:
-                    bar.update(n_done + 1, values=[("skipped", len(skipped))],
-                               finalize=n_done + 1 == len(order))
+                bar.update(n_done + 1, values=[("skipped", len(skipped))],
+                           finalize=n_done + 1 == len(order))
     finally:
         for writer in writers:
             writer.close()
@@ -241,6 +259,37 @@ def write_tfrecords(dataset: IdentityDataset, output_dir, num_shards: int, prefi
 # Reading
 # ----------------------------------------------------------------------------------------------
 
+class DamagedShardError(ValueError):
+    """A TFRecord shard that cannot be read to its end: truncated, corrupt, or holding fewer
+    records than ``classes.json`` lists for it.
+
+    Attributes:
+      path: the shard file.
+      records_read: records read intact before the damage.
+      records_expected: records the writer put in the shard (from classes.json), or None.
+      detail: what went wrong (TensorFlow's reason, one line).
+    """
+
+    def __init__(self, path, records_read, records_expected=None, detail=""):
+        self.path = os.fspath(path)
+        self.records_read = int(records_read)
+        self.records_expected = records_expected
+        self.detail = detail
+        super().__init__(
+            f"damaged TFRecord shard {self.path}: {detail}; {_kept_lost(self)}. Rewrite it with "
+            "python -m data.tfrecords, or skip the damaged part (skip_damaged=True; train.py "
+            "--skip_damaged_shards)")
+
+
+def _kept_lost(damage):
+    """'N records readable before the damage, M lost' (M unknown without classes.json)."""
+    text = f"{damage.records_read:,} records readable before the damage"
+    if damage.records_expected is not None:
+        lost = max(0, damage.records_expected - damage.records_read)
+        return text + f", {lost:,} of {damage.records_expected:,} lost"
+    return text + ", an unknown number after it lost (no classes.json lists the shard)"
+
+
 @dataclasses.dataclass
 class TFRecordTable:
     """All records of a set of shards, in memory.
@@ -252,6 +301,8 @@ class TFRecordTable:
       filenames: list [N] of the source paths relative to the input folder.
       files: the shard files read.
       num_bytes: total size of the encoded images.
+      damaged: one :class:`DamagedShardError` per damaged shard whose intact records were kept
+        (only with ``skip_damaged``); empty when every shard was read to its end.
     """
 
     encoded: np.ndarray
@@ -260,6 +311,7 @@ class TFRecordTable:
     filenames: List[str]
     files: List[str]
     num_bytes: int = 0
+    damaged: list = dataclasses.field(default_factory=list)
 
     def __len__(self):
         return len(self.labels)
@@ -319,41 +371,145 @@ def _fingerprint(files):
     return tuple(out)
 
 
-def load_tfrecords(source, max_bytes: int = None, cache: bool = True) -> TFRecordTable:
+class _ByteBudget:
+    """Thread-safe running total of encoded bytes; raises _OverBudget past ``limit``."""
+
+    def __init__(self, limit):
+        self.limit, self.total = limit, 0
+        self._lock = threading.Lock()
+
+    def add(self, n):
+        with self._lock:
+            self.total += n
+            if self.total > self.limit:
+                raise _OverBudget()
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _tf_error_text(exc):
+    """TensorFlow's error message as one short line, without the op and function names."""
+    text = " ".join(str(getattr(exc, "message", exc)).split())
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text[:200]
+
+
+def _expected_counts(files):
+    """{shard path: records the writer put there} from each folder's classes.json (if any)."""
+    import tensorflow as tf
+
+    expected = {}
+    for folder in sorted({os.path.dirname(f) for f in files}):
+        meta_path = os.path.join(folder, CLASSES_FILE)
+        try:
+            with tf.io.gfile.GFile(meta_path, "r") as f:
+                meta = json.loads(f.read())
+            counts = dict(zip(meta["shards"], meta["images_per_shard"]))
+        except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError):
+            continue  # no or foreign metadata: counts unknown
+        for path in files:
+            if os.path.dirname(path) == folder and os.path.basename(path) in counts:
+                expected[path] = int(counts[os.path.basename(path)])
+    return expected
+
+
+def _read_shard(path, expected, budget):
+    """Every intact record of one shard -> (columns, damage or None).
+
+    ``columns``: lists of encoded bytes, label arrays, names, filenames and index arrays. Records
+    before a damaged one are kept; ``damage`` is a :class:`DamagedShardError` (not raised).
+    """
+    import tensorflow as tf
+
+    parse = _parse_fn()
+    encoded, labels, names, filenames, indices = [], [], [], [], []
+    count, detail = 0, None
+
+    def take(batch):
+        enc, lab, name, fname, index = batch
+        budget.add(sum(len(e) for e in enc))
+        encoded.extend(enc)
+        labels.append(lab)
+        indices.append(index)
+        names.extend(name)
+        filenames.extend(f.decode("utf-8") for f in fname)
+        return len(lab)
+
+    try:
+        for batch in tf.data.TFRecordDataset(path).batch(1024).map(parse).as_numpy_iterator():
+            count += take(batch)
+    except tf.errors.DataLossError as exc:
+        detail = _tf_error_text(exc)
+        try:  # the failed batch held intact records before the damaged one: read them singly
+            for batch in (tf.data.TFRecordDataset(path).skip(count).batch(1).map(parse)
+                          .as_numpy_iterator()):
+                count += take(batch)
+        except tf.errors.DataLossError:
+            pass
+    if detail is None and expected is not None and count < expected:
+        # TensorFlow ends a shard cut inside a record header without an error.
+        detail = f"it ends after {count:,} records but classes.json lists {expected:,}"
+    damage = None if detail is None else DamagedShardError(path, count, expected, detail)
+    return (encoded, labels, names, filenames, indices), damage
+
+
+def load_tfrecords(source, max_bytes: int = None, cache: bool = True,
+                   skip_damaged: bool = False) -> TFRecordTable:
     """Reads every record of ``source`` (glob / folder / file / list; any tf.io.gfile path).
 
     With ``cache`` the last table read is kept in memory and returned again while the files are
     unchanged (same names, sizes and modification times), so re-creating the input pipeline (e.g.
     once per epoch) does not re-read the shards.
 
+    A shard is damaged when TensorFlow cannot read it to its end (truncated or corrupt record) or
+    when it holds fewer records than the writer's ``classes.json`` lists for it (a cut at a record
+    boundary reads as a clean end). With ``skip_damaged`` the records read before the damage are
+    kept and one warning per damaged shard names it and counts the records kept and lost
+    (``table.damaged`` lists them); without it, :class:`DamagedShardError` is raised.
+
     Raises:
       EmptyDatasetError: no files or no records.
+      DamagedShardError: a damaged shard (a ValueError naming it), unless ``skip_damaged``.
       ValueError: records exceed ``max_bytes`` of encoded images, or inconsistent label names.
     """
-    import tensorflow as tf
-
     files = expand_tfrecord_source(source)
     if max_bytes is None:
         max_bytes = int(os.environ.get("FACENET_TFRECORD_MAX_BYTES", DEFAULT_MAX_BYTES))
     key = _fingerprint(files) if cache else None
     if cache and key in _CACHE and _CACHE[key].num_bytes <= max_bytes:
-        return _CACHE[key]
+        table = _CACHE[key]
+        if table.damaged and not skip_damaged:
+            first = table.damaged[0]
+            raise DamagedShardError(first.path, first.records_read, first.records_expected,
+                                    first.detail)
+        return table
+    expected = _expected_counts(files)
+    budget = _ByteBudget(max_bytes)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(min(8, len(files))) as pool:
+            shards = list(pool.map(lambda f: _read_shard(f, expected.get(f), budget), files))
+    except _OverBudget:
+        raise ValueError(
+            f"TFRecords {source!r} hold more than {max_bytes / 2**30:.1f} GiB of encoded images; "
+            "the balanced reader keeps them in memory. Train from the image folder instead, "
+            "or raise max_bytes / $FACENET_TFRECORD_MAX_BYTES") from None
+    damaged = [damage for _, damage in shards if damage is not None]
+    if damaged and not skip_damaged:
+        raise damaged[0]
+    for damage in damaged:
+        logging.warning("load_tfrecords: damaged shard %s (%s): keeping %s", damage.path,
+                        damage.detail, _kept_lost(damage))
     encoded, labels, names, filenames, indices = [], [], [], [], []
-    total = 0
-    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(8, len(files)))
-    ds = ds.batch(1024).map(_parse_fn())
-    for enc, lab, name, fname, index in ds.as_numpy_iterator():
-        total += sum(len(e) for e in enc)
-        if total > max_bytes:
-            raise ValueError(
-                f"TFRecords {source!r} hold more than {max_bytes / 2**30:.1f} GiB of encoded images; "
-                "the balanced reader keeps them in memory. Train from the image folder instead, "
-                "or raise max_bytes / $FACENET_TFRECORD_MAX_BYTES")
+    for (enc, lab, name, fname, index), _ in shards:
         encoded.extend(enc)
-        labels.append(lab)
-        indices.append(index)
+        labels.extend(lab)
         names.extend(name)
-        filenames.extend(f.decode("utf-8") for f in fname)
+        filenames.extend(fname)
+        indices.extend(index)
+    total = budget.total
     if not encoded:
         raise EmptyDatasetError(f"TFRecords {source!r} hold no records")
     labels = np.concatenate(labels).astype(np.int64)
@@ -372,7 +528,7 @@ def load_tfrecords(source, max_bytes: int = None, cache: bool = True) -> TFRecor
     class_names = _class_names(files, labels, names)
     table = TFRecordTable(encoded=encoded_arr, labels=labels.astype(np.int32),
                           class_names=class_names, filenames=filenames, files=files,
-                          num_bytes=total)
+                          num_bytes=total, damaged=damaged)
     if cache:
         _CACHE.clear()  # one table at a time: they can be large
         _CACHE[key] = table

@@ -22,7 +22,8 @@ Sources (the contracts of export.py and train.py):
   the JSON is missing, H and W come from the signature's static input shape, or ``image_size``
   must be given.
 * ``model_dir``: ``model_dir/config.json`` ({"model", "image_size", "embedding_size",
-  "normalization"}) and the latest checkpoint under ``model_dir/checkpoints``; the model is built
+  "normalization"}) and the newest intact checkpoint under ``model_dir/checkpoints`` (damaged newer
+  ones are skipped with a warning, training/checkpoints.py); the model is built
   with ``models.build_model`` and fed ``data.preprocess.preprocess(images)``.
 """
 import json
@@ -171,11 +172,10 @@ class Embedder:
         """
         paths = [os.fspath(p) for p in paths]
         todo = list(dict.fromkeys(p for p in paths if (p, flip) not in self._cache))
-        bar = None
-        if progress and todo:
-            from keras.utils import Progbar
+        from data.progress import progress as make_progress
 
-            bar = Progbar(len(todo), unit_name="image")
+        bar = make_progress(len(todo), unit="image", label="embedding",
+                            enabled=bool(progress and todo))
         done = 0
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
@@ -191,8 +191,7 @@ class Embedder:
                 for p, e in zip(ok, emb):
                     self._cache[(p, flip)] = e if np.all(np.isfinite(e)) else EMBED_FAILED
             done += len(chunk)
-            if bar is not None:
-                bar.update(done)
+            bar.update(done)
         dim = self.embedding_size
         if dim is None:  # nothing could be embedded at all
             dim = 0
@@ -264,9 +263,12 @@ def _load_checkpoint(model_dir, image_size, batch_size):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: is --model_dir a training directory?")
     config = _read_json(config_path)
-    ckpt = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    from training.checkpoints import NoCheckpointError, find_intact
+
+    # the newest checkpoint that restores; damaged newer ones: one warning, left in place
+    ckpt = find_intact(os.path.join(model_dir, "checkpoints"))
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(model_dir, 'checkpoints')}")
+        raise NoCheckpointError(f"no checkpoint under {os.path.join(model_dir, 'checkpoints')}")
     from data.preprocess import preprocess
     from models import build_model
 

@@ -6,7 +6,7 @@ the Keras Loss), `layer` (a Keras Layer adding the loss and its statistics), `tf
 replacements for tensorflow_addons' TripletSemiHardLoss / TripletHardLoss); the losses that
 followed FaceNet: `pair_losses` (contrastive, lifted structured, soft-margin batch-hard,
 distance-weighted sampling) and `margin_heads` (softmax, center loss, NormFace, SphereFace, CosFace,
-ArcFace heads over the embedding).
+ArcFace heads over the embedding); `empty_batch` makes every batch loss 0 on an empty batch.
 """
 from losses.distances import DISTANCES, pairwise_distances
 from losses.layer import TripletLossLayer

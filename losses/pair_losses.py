@@ -16,15 +16,15 @@
 Conventions (as in `losses.triplet`): labels int [B] (or [B, 1], or floats holding integers);
 embeddings float [B, D], computed in float32 (float16 / bfloat16 are cast up); the loss is a
 float32 scalar, averaged rather than summed so its scale does not depend on the batch size; a batch
-without any usable pair (one image, one identity, no positive pair) gives 0 with a zero gradient,
-never NaN. Distances are between the embeddings as given: the unit-sphere margins quoted below
-assume L2-normalised embeddings. Memory is O(B^2) everywhere, no [B, B, B] tensor is built, and all
-randomness is in-graph and seedable (stateless ops).
+without any usable pair (one image, one identity, no positive pair, or no image at all: B = 0)
+gives 0 with a zero gradient, never NaN. Distances are between the embeddings as given: the
+unit-sphere margins quoted below assume L2-normalised embeddings. Memory is O(B^2) everywhere, no
+[B, B, B] tensor is built, and all randomness is in-graph and seedable (stateless ops).
 """
 import keras
 import tensorflow as tf
 
-from losses import masks
+from losses import empty_batch, masks
 from losses.distances import (DISTANCES, _to_float32, pairwise_distances, safe_sqrt,
                               squared_l2_distances)
 from losses.mining import PairMining, next_seed, seed_generator, stateless_seed
@@ -214,6 +214,17 @@ def distance_weighted_sampling(dist, labels, dim, cutoff=0.5, nonzero_loss_cutof
       (anchor-positive pair whose anchor has a negative), found (the weighted draw was possible).
     """
     labels = masks.flatten_labels(labels)
+    dist = tf.convert_to_tensor(dist)
+
+    def empty():  # B = 0: categorical draws over 0 classes would fail
+        none = tf.zeros([0, 0], tf.bool)
+        return PairMining(tf.zeros([0, 0], tf.int32), none, none)
+
+    return empty_batch.if_nonempty(
+        dist, lambda: _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed), empty)
+
+
+def _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed):
     log_w = distance_weighted_log_weights(dist, labels, dim, cutoff, nonzero_loss_cutoff)
     neg = masks.negative_mask(labels)
     has_weight = tf.reduce_any(tf.math.is_finite(log_w), axis=1)

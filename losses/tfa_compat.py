@@ -3,7 +3,8 @@
 Same names, arguments, defaults and results (loss and gradient) as
 `tfa.losses.TripletSemiHardLoss` / `tfa.losses.TripletHardLoss` and the functions
 `triplet_semihard_loss` / `triplet_hard_loss`, but in O(B^2) memory (tfa tiles a [B*B, B] tensor,
-5 GB at B = 720) and without tfa's NaN when a batch has no positive pair (we return 0).
+5 GB at B = 720), without tfa's NaN when a batch has no positive pair and without its failure
+on an empty batch (we return 0 in both cases).
 
 tfa's rules, reproduced exactly (also in degenerate batches):
   * semi-hard: per anchor-positive pair, the closest negative farther than the positive, else the
@@ -19,7 +20,7 @@ Output is float32 (tfa returns the embeddings' dtype for float16/bfloat16 input)
 import keras
 import tensorflow as tf
 
-from losses import masks, mining
+from losses import empty_batch, masks, mining
 from losses.distances import cosine_distances, l2_distances, squared_l2_distances
 
 _METRICS = {"L2": l2_distances, "squared-L2": squared_l2_distances, "angular": cosine_distances}
@@ -35,8 +36,22 @@ def _distance_matrix(embeddings, distance_metric):
     return _METRICS[distance_metric](embeddings)
 
 
+def _unless_empty(y_pred, compute):
+    """compute(y_pred) as a tensor, or 0 with a zero gradient for an empty batch (B = 0)."""
+    y_pred = tf.convert_to_tensor(y_pred)
+    return empty_batch.if_nonempty(y_pred, lambda: compute(y_pred),
+                                   lambda: empty_batch.zero_loss(y_pred))
+
+
 def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
-    """tfa's semi-hard triplet loss. y_true: int [B] or [B, 1]; y_pred: float [B, D]. float32 scalar."""
+    """tfa's semi-hard triplet loss: float32 scalar.
+
+    y_true: int [B] or [B, 1]; y_pred: float [B, D]. 0 for an empty batch (B = 0), where tfa fails.
+    """
+    return _unless_empty(y_pred, lambda x: _semihard(y_true, x, margin, distance_metric))
+
+
+def _semihard(y_true, y_pred, margin, distance_metric):
     labels = masks.flatten_labels(y_true)
     dist = _distance_matrix(y_pred, distance_metric)
     # Every positive pair counts; its anchor has no negative only in a single-identity batch.
@@ -51,7 +66,14 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
 
 
 def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):
-    """tfa's batch-hard triplet loss. y_true: int [B] or [B, 1]; y_pred: float [B, D]. float32 scalar."""
+    """tfa's batch-hard triplet loss: float32 scalar.
+
+    y_true: int [B] or [B, 1]; y_pred: float [B, D]. 0 for an empty batch (B = 0), where tfa fails.
+    """
+    return _unless_empty(y_pred, lambda x: _hard(y_true, x, margin, soft, distance_metric))
+
+
+def _hard(y_true, y_pred, margin, soft, distance_metric):
     labels = masks.flatten_labels(y_true)
     dist = _distance_matrix(y_pred, distance_metric)
     pos = masks.positive_mask(labels)

@@ -9,8 +9,8 @@ Normalisation (the paper sums; we average so the scale does not depend on batch 
   * "semi_hard", "semi_hard_paper": mean over anchor-positive pairs whose anchor has a negative;
   * "hard": mean over anchors with at least one positive and one negative;
   * "all": mean over the triplets with a positive hinge (0 if there is none).
-A batch without any triplet (no positive pair, a single identity, one image) gives loss 0 with a
-zero gradient, never NaN.
+A batch without any triplet (no positive pair, a single identity, one image, or no image at all:
+B = 0, also with a batch size unknown until run time) gives loss 0 with a zero gradient, never NaN.
 
 `soft=True` replaces the hinge by softplus(d_ap - d_an) (margin unused, as tfa's soft hard loss);
 it is not available with mining="all".
@@ -18,7 +18,7 @@ it is not available with mining="all".
 import keras
 import tensorflow as tf
 
-from losses import masks
+from losses import empty_batch, masks
 from losses import mining as mining_lib
 from losses.distances import DISTANCES, pairwise_distances
 
@@ -80,20 +80,28 @@ def triplet_loss_with_stats(labels, embeddings, margin=0.2, distance="squared_l2
     """
     _check_args(mining, soft, distance)
     labels = masks.flatten_labels(labels)
-    dist = pairwise_distances(embeddings, distance)
+    embeddings = tf.convert_to_tensor(embeddings)
     margin_t = tf.cast(margin, tf.float32)
-    if mining == "all":
-        loss, stats = _batch_all_loss(dist, labels, margin_t)
-    else:
-        anchors, positives, negatives, num_no_semi_hard = _mine_triplets(
-            dist, labels, mining, margin_t, seed)
-        # Only the mined entries of `dist` are read: the gradient is a sparse scatter.
-        d_ap, d_an = mining_lib.triplet_distances(dist, anchors, positives, negatives)
-        loss, stats = _selected_triplets_loss(d_ap, d_an, margin_t, soft)
-        stats["num_no_semi_hard"] = num_no_semi_hard
-    stats["num_pairs"] = _num_positive_pairs(labels)
-    stats = {k: tf.stop_gradient(tf.cast(stats[k], tf.float32)) for k in STAT_KEYS}
-    return tf.cast(loss, tf.float32), stats
+
+    def compute():
+        dist = pairwise_distances(embeddings, distance)
+        if mining == "all":
+            loss, stats = _batch_all_loss(dist, labels, margin_t)
+        else:
+            anchors, positives, negatives, num_no_semi_hard = _mine_triplets(
+                dist, labels, mining, margin_t, seed)
+            # Only the mined entries of `dist` are read: the gradient is a sparse scatter.
+            d_ap, d_an = mining_lib.triplet_distances(dist, anchors, positives, negatives)
+            loss, stats = _selected_triplets_loss(d_ap, d_an, margin_t, soft)
+            stats["num_no_semi_hard"] = num_no_semi_hard
+        stats["num_pairs"] = _num_positive_pairs(labels)
+        return tf.cast(loss, tf.float32), {k: tf.cast(stats[k], tf.float32) for k in STAT_KEYS}
+
+    def empty():  # B = 0: no triplet, loss 0 with a zero gradient (mining ops reject [0, 0])
+        return empty_batch.zero_loss(embeddings), {k: tf.zeros([], tf.float32) for k in STAT_KEYS}
+
+    loss, stats = empty_batch.if_nonempty(embeddings, compute, empty)
+    return loss, {k: tf.stop_gradient(stats[k]) for k in STAT_KEYS}
 
 
 def _mine_triplets(dist, labels, mining, margin, seed):

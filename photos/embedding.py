@@ -4,7 +4,6 @@ Photos are processed one at a time and their faces embedded in batches, so memor
 of model-sized images, not every crop. A photo that gives no face (unreadable, no face found)
 becomes a :class:`photos.errors.Failure` and the others go on.
 """
-import contextlib
 import dataclasses
 import sys
 
@@ -14,22 +13,18 @@ from photos.errors import NON_FINITE, Failure
 
 
 class Progress:
-    """keras.utils.Progbar on stderr (stdout stays clean for results): a live bar on a terminal,
-    one summary line at the end otherwise (logs); silent when disabled or for a single item."""
+    """Progress on stderr (stdout stays clean for results) through data.progress: a live bar on a
+    terminal, a plain line every 10 s and at the end otherwise (logs); silent when disabled or for
+    a single item."""
 
     def __init__(self, total, unit="photo", enabled=True):
-        self.bar = None
-        if enabled and total > 1:
-            from keras.utils import Progbar
+        from data.progress import progress
 
-            live = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-            with contextlib.redirect_stdout(sys.stderr):
-                self.bar = Progbar(total, unit_name=unit, verbose=1 if live else 2)
+        self.bar = progress(total, unit=unit, label="embedding", stream=sys.stderr,
+                            enabled=bool(enabled and total > 1))
 
     def update(self, done):
-        if self.bar is not None:
-            with contextlib.redirect_stdout(sys.stderr):
-                self.bar.update(done)
+        self.bar.update(done)
 
 
 @dataclasses.dataclass
@@ -55,7 +50,7 @@ def embed_photos(paths, model, cropper, largest=False, progress=True, thumbnail_
             ``embed(images)``).
         cropper: :class:`photos.detection.FaceCropper`.
         largest: one face per photo, the one data.align would keep.
-        progress: show a Progbar on stderr.
+        progress: report progress on stderr (data.progress).
         thumbnail_size: keep a square thumbnail of this side on each face (contact sheets).
     Returns:
         :class:`Embedded`, faces in input order (a photo's faces best score first).

@@ -6,7 +6,9 @@ FACENET_CACHE is unset) keyed per photo on (relative path, size, mtime): a later
 photos that are new or changed, and forgets removed ones. Photos that gave no face are cached too
 (with their reason), so they are not re-detected on every run; they are re-tried when they change.
 The whole cache is rebuilt when the model (its files' size and mtime) or the crop settings change:
-those are part of the file name and are checked inside it.
+those are part of the file name and are checked inside it. A cache that cannot be read (empty,
+truncated, damaged bytes) is treated as absent: one warning naming the file, then it is rebuilt
+(written atomically, like every cache write).
 """
 import dataclasses
 import hashlib
@@ -57,26 +59,47 @@ def _file_key(path):
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
+def _read_cache(path, settings):
+    """{rel: entry} of a readable cache file; {} when made with other ``settings``.
+
+    Raises on anything unexpected: the caller treats every exception as a damaged cache.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        emb = np.asarray(z["embeddings"], np.float32)
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    if meta.get("settings") != settings:
+        return {}
+    if emb.ndim != 2 or not np.all(np.isfinite(emb)):
+        raise ValueError(f"embeddings of shape {emb.shape} are not a finite [N, D] matrix")
+    entries = {}
+    for e in meta.get("entries", []):
+        if not isinstance(e.get("rel"), str):
+            raise ValueError("an entry has no relative path")
+        if "row" in e:
+            row = e["row"]
+            if not isinstance(row, int) or not 0 <= row < len(emb):
+                raise ValueError(f"row {row!r} is outside the {len(emb)} stored embeddings")
+            e = dict(e, embedding=emb[row])
+        entries[e["rel"]] = e
+    return entries
+
+
 def _load_cache(path, settings):
-    """{rel: entry} from a cache file made with ``settings``; {} when absent, stale or damaged."""
+    """({rel: entry}, warning) from a cache file made with ``settings``.
+
+    Absent or stale (other model or crop settings): ({}, None). Damaged in any way (zero bytes,
+    truncated, flipped bytes: EOFError, BadZipFile, zlib or JSON errors, a bad row): ({}, a
+    one-line warning naming the file), and the caller rebuilds the cache from the photos.
+    """
     if not path or not os.path.isfile(path):
         return {}, None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            emb = np.asarray(z["embeddings"], np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        return {}, f"unreadable cache {path} ({exc}); rebuilding"
-    if meta.get("settings") != settings:
-        return {}, None
-    entries = {}
-    for e in meta.get("entries", []):
-        if "row" in e:
-            if not 0 <= e["row"] < len(emb):
-                return {}, f"inconsistent cache {path}; rebuilding"
-            e = dict(e, embedding=emb[e["row"]])
-        entries[e["rel"]] = e
-    return entries, None
+        return _read_cache(path, settings), None
+    except Exception as exc:  # noqa: BLE001 - a cache is disposable: any failure means rebuild
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        return {}, f"gallery cache {path} is unreadable ({reason}); ignoring it and rebuilding it"
 
 
 def _save_cache(path, settings, root, entries):
@@ -122,7 +145,7 @@ def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, p
     if warning:
         from absl import logging
 
-        logging.warning(warning)
+        logging.warning("%s", warning)
     entries, todo = {}, []
     for person, path in items:
         rel = os.path.relpath(path, gallery_dir)
@@ -142,7 +165,7 @@ def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, p
             entry = entries[os.path.relpath(failure.file, gallery_dir)]
             entry.update(reason=failure.reason, detail=failure.detail)
     removed = len(set(cached) - set(entries))
-    if use_cache and (todo or removed or not os.path.isfile(cache_path)):
+    if use_cache and (todo or removed or warning or not os.path.isfile(cache_path)):
         try:
             _save_cache(cache_path, settings, gallery_dir, entries)
         except OSError as exc:

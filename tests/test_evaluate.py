@@ -352,10 +352,13 @@ def test_main_reports_input_errors_without_traceback(setup, tmp_path, capsys):
     flags.unparse_flags()
     flags(["evaluate.py", f"--export_dir={tmp_path / 'nope'}", f"--data_dir={setup['lfw']}"])
     try:
-        assert evaluate.main(["evaluate.py"]) == 1
+        with pytest.raises(SystemExit) as exit_info:  # a missing export: BAD_EXPORT (exit_codes.py)
+            evaluate.main(["evaluate.py"])
     finally:
         flags.unparse_flags()
-    assert "is not a directory" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--export_dir" in err and "no such folder" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("src,dst", [((112, 92), (64, 64)), ((40, 36), (24, 20)), ((30, 20), (96, 80))])

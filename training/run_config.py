@@ -1,7 +1,9 @@
 """The run's identity, stored as ``model_dir/config.json``.
 
 evaluate.py and export.py rebuild the backbone from this file; a resumed run checks that its flags
-still describe the same network.
+still describe the same network. train.py writes it just before a run's first checkpoint, and
+checks it only when the checkpoints folder holds a checkpoint: a config.json left by a run that
+failed before saving one does not refuse a corrected rerun with other flags.
 """
 import dataclasses
 import json
@@ -52,8 +54,11 @@ def load_run_config(model_dir):
     path = config_path(model_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {model_dir!r} a train.py model_dir?")
-    with open(path, encoding="utf-8") as f:
-        return RunConfig.from_json(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return RunConfig.from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from exc
 
 
 def save_run_config(model_dir, config, extra=None):

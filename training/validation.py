@@ -3,6 +3,12 @@
 A validation set is a list of unique image paths, the identity of each, and pairs given as index
 arrays into that list, with a fold per pair. It comes from an LFW pairs file (the paper's protocol)
 or from a folder-per-identity hold-out set.
+
+Images that do not decode (a text file named x.jpg, a truncated JPEG, ...) are found once, when the
+set is built, with the training data's check (``data.pipeline.validate_files``): they are left out
+and counted (``skipped_images``), and the pairs that use one are dropped and counted
+(``num_failed_pairs``, like pairs with a missing image), with one warning line naming the first.
+An image damaged later, during training, is found the same way when embedding it fails.
 """
 import dataclasses
 import os
@@ -19,16 +25,70 @@ class ValidationSet:
     idx_b: np.ndarray     # int [N], second image of each pair
     issame: np.ndarray    # bool [N]
     folds: np.ndarray     # int [N]
-    num_failed_pairs: int = 0  # pairs dropped because an image is missing
+    num_failed_pairs: int = 0  # pairs dropped because an image is missing or unreadable
     source: str = ""
+    skipped_images: list = dataclasses.field(default_factory=list)  # (path, reason) left out
 
     @property
     def num_pairs(self):
         return int(len(self.issame))
 
+    def drop_images(self, skipped):
+        """Leave out the images ``skipped`` ((path, reason) pairs), in place.
 
-def from_lfw_pairs(pairs_file, lfw_dir):
-    """Build a ValidationSet from an LFW-format pairs file; pairs with a missing image are counted."""
+        Pairs that use one are dropped and added to ``num_failed_pairs``; the kept images are
+        re-indexed. Logs one warning line naming the first image. Raises EmptyDatasetError when
+        no pair is left.
+        """
+        from data.dataset import EmptyDatasetError
+
+        bad = {p for p, _ in skipped} & set(self.paths)
+        if not bad:
+            return
+        keep = np.array([p not in bad for p in self.paths], bool)
+        new_index = np.cumsum(keep) - 1  # old image index -> new one (where kept)
+        ok = keep[self.idx_a] & keep[self.idx_b]
+        dropped = int(np.count_nonzero(~ok))
+        self.skipped_images += [(p, r) for p, r in skipped if p in bad]
+        first = next((p, r) for p, r in skipped if p in bad)
+        logging.warning("validation (%s): %d unreadable images left out (first: %s: %s); %d of %d "
+                        "pairs use one and are not scored", self.source, len(bad), first[0],
+                        first[1], dropped, self.num_pairs)
+        self.paths = [p for p, k in zip(self.paths, keep) if k]
+        self.names = [n for n, k in zip(self.names, keep) if k]
+        self.idx_a, self.idx_b = new_index[self.idx_a[ok]], new_index[self.idx_b[ok]]
+        self.issame, self.folds = self.issame[ok], self.folds[ok]
+        self.num_failed_pairs += dropped
+        if self.num_pairs == 0:
+            raise EmptyDatasetError(f"validation set {self.source}: no pair left to score once "
+                                    f"{len(self.skipped_images)} unreadable images are left out "
+                                    f"(first: {self.skipped_images[0][0]})")
+
+
+def find_unreadable(paths, names, cache_path=None, source=""):
+    """(path, reason) of every image in ``paths`` that does not decode as training would decode it
+    (``data.pipeline.validate_files``; ``cache_path``: its verdict cache). Raises
+    EmptyDatasetError when none decodes."""
+    from data.dataset import EmptyDatasetError, IdentityDataset
+    from data.pipeline import validate_files
+
+    if not paths:
+        return []
+    classes = sorted(set(names))
+    row = {c: i for i, c in enumerate(classes)}
+    dataset = IdentityDataset(tuple(paths), np.asarray([row[n] for n in names], np.int32),
+                              tuple(classes))
+    try:
+        _, skipped = validate_files(dataset, cache_path=cache_path)
+    except EmptyDatasetError as exc:
+        raise EmptyDatasetError(f"validation set {source}: {exc}") from None
+    return skipped
+
+
+def from_lfw_pairs(pairs_file, lfw_dir, check_images=True, cache_path=None):
+    """Build a ValidationSet from an LFW-format pairs file; pairs with a missing image are counted,
+    and with ``check_images`` those with an unreadable one too (``cache_path``: see
+    :func:`find_unreadable`)."""
     from data.pairs import read_pairs
 
     pair_set = read_pairs(pairs_file, lfw_dir)
@@ -54,20 +114,52 @@ def from_lfw_pairs(pairs_file, lfw_dir):
         logging.warning("validation: %d of %d pairs have a missing image and are not scored",
                         failed, len(pair_set.pairs))
     if not a:
-        raise ValueError(f"no usable pairs in {pairs_file} under {lfw_dir}")
-    return ValidationSet(paths, names, np.asarray(a), np.asarray(b), np.asarray(same, bool),
+        from data.dataset import EmptyDatasetError
+
+        raise EmptyDatasetError(f"no usable pairs in {pairs_file} under {lfw_dir}: every pair "
+                                "has a missing image")
+    vset = ValidationSet(paths, names, np.asarray(a), np.asarray(b), np.asarray(same, bool),
                          np.asarray(folds), failed, source=pairs_file)
+    if check_images:
+        vset.drop_images(find_unreadable(vset.paths, vset.names, cache_path, pairs_file))
+    return vset
 
 
-def from_identity_dataset(dataset, num_pairs=6000, num_folds=10, seed=0):
-    """Build a ValidationSet from a folder-per-identity hold-out set with balanced sampled pairs."""
+def from_identity_dataset(dataset, num_pairs=6000, num_folds=10, seed=0, check_images=True,
+                          cache_path=None, source="holdout"):
+    """Build a ValidationSet from a folder-per-identity hold-out set with balanced sampled pairs.
+
+    With ``check_images`` unreadable images are left out (counted in ``skipped_images``) before
+    the pairs are drawn, so no pair is lost to them. Raises EmptyDatasetError when no pair can be
+    made (fewer than two identities, or no identity with two readable images).
+    """
+    from data.dataset import EmptyDatasetError
     from evaluation.holdout_pairs import make_pairs
 
-    idx_a, idx_b, issame, folds = make_pairs(dataset.labels, mode="balanced", num_pairs=num_pairs,
-                                             num_folds=num_folds, seed=seed)
+    skipped = []
+    if check_images and len(dataset):
+        from data.pipeline import validate_files
+
+        try:
+            clean, skipped = validate_files(dataset, cache_path=cache_path)
+        except EmptyDatasetError as exc:
+            raise EmptyDatasetError(f"validation set {source}: {exc}") from None
+        if skipped:
+            logging.warning("validation (%s): %d unreadable images left out (first: %s: %s)",
+                            source, len(skipped), skipped[0][0], skipped[0][1])
+        dataset = clean
+    try:
+        idx_a, idx_b, issame, folds = make_pairs(dataset.labels, mode="balanced",
+                                                 num_pairs=num_pairs, num_folds=num_folds,
+                                                 seed=seed)
+    except ValueError as exc:
+        raise EmptyDatasetError(
+            f"validation set {source}: cannot make verification pairs from {len(dataset)} "
+            f"readable images of {dataset.num_classes} identities ({exc})") from None
     names = [dataset.class_names[int(l)] for l in dataset.labels]
     return ValidationSet(list(dataset.paths), names, np.asarray(idx_a), np.asarray(idx_b),
-                         np.asarray(issame, bool), np.asarray(folds), 0, source="holdout")
+                         np.asarray(issame, bool), np.asarray(folds), 0, source=source,
+                         skipped_images=list(skipped))
 
 
 def embed_paths(backbone, paths, image_size, batch_size=128):
@@ -76,6 +168,22 @@ def embed_paths(backbone, paths, image_size, batch_size=128):
 
     ds = eval_dataset(list(paths), image_size, batch_size)
     return np.asarray(backbone.predict(ds, verbose=0), dtype=np.float32)
+
+
+def embed_set(backbone, vset, image_size, batch_size=128):
+    """:func:`embed_paths` of ``vset.paths``, float32 [M, D]. If decoding fails (an image damaged
+    after the set was checked), the images are checked again, the unreadable ones are dropped from
+    ``vset`` in place (counted, one warning) and the rest is embedded; any other error is raised."""
+    import tensorflow as tf
+
+    try:
+        return embed_paths(backbone, vset.paths, image_size, batch_size)
+    except tf.errors.OpError:
+        skipped = find_unreadable(vset.paths, vset.names, source=vset.source)
+        if not skipped:
+            raise
+    vset.drop_images(skipped)
+    return embed_paths(backbone, vset.paths, image_size, batch_size)
 
 
 def score(embeddings, vset, far_targets=(1e-3,)):
