@@ -22,6 +22,7 @@ import flags
 from cli_checks import cli_main, require_dir, require_file, require_writable_dir
 from data.dataset import EmptyDatasetError
 from data.tfrecords import DamagedShardError
+import exit_codes
 from exit_codes import DAMAGED_DATA, NO_CHECKPOINT, CliError
 from quiet_tf import import_tensorflow
 
@@ -29,7 +30,7 @@ FLAGS = flags.FLAGS
 flags.define_train_flags()
 
 SYNTHETIC_SEED = 2015  # the built-in data set is the same for every run
-EXIT_NAN = 3
+EXIT_NAN = exit_codes.NAN_LOSS  # 3
 BUILTIN_MAX_MINUTES = 8.5  # wall clock from start-up, leaving time to validate, project and export
 
 

@@ -1,4 +1,4 @@
-"""Errors of the photo tool and the exit codes ``faces.py`` maps them to.
+"""Errors of the photo tool and the exit codes ``faces.py`` maps them to (from exit_codes.py).
 
 Every failure the user can fix is a :class:`PhotoError` with a one-line message and an exit code;
 ``faces.py`` prints ``faces.py: error: <message>`` on stderr and exits with that code. Per-file
@@ -7,19 +7,21 @@ reported and the other inputs go on (see :func:`exit_code_for_failures`).
 """
 import dataclasses
 
-EXIT_OK = 0
+import exit_codes
+
+EXIT_OK = exit_codes.OK
 #: Bad command line (absl's UsageError exit status).
-EXIT_USAGE = 1
+EXIT_USAGE = exit_codes.USAGE
 #: --export_dir missing, not a SavedModel, or without the serving_default signature.
-EXIT_BAD_EXPORT = 2
+EXIT_BAD_EXPORT = exit_codes.BAD_EXPORT
 #: No face found in a photo (or in every photo given).
-EXIT_NO_FACE = 3
+EXIT_NO_FACE = exit_codes.NO_FACE
 #: A file that does not exist or cannot be decoded as an image (or every file given).
-EXIT_UNREADABLE = 4
+EXIT_UNREADABLE = exit_codes.UNREADABLE
 #: No --threshold and the export stores none.
-EXIT_NO_THRESHOLD = 5
+EXIT_NO_THRESHOLD = exit_codes.NO_THRESHOLD
 #: The --gallery folder holds no person folder with an image, or no gallery face was found.
-EXIT_EMPTY_GALLERY = 6
+EXIT_EMPTY_GALLERY = exit_codes.EMPTY_GALLERY
 
 #: Failure.reason of a photo that decoded but where no face was found.
 NO_FACE = "no_face"

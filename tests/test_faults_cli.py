@@ -377,19 +377,3 @@ def test_train_on_a_truncated_shard_names_it_and_can_skip_it(tmp_path, faces):
     assert shard.name in proc.stderr and "lost" in proc.stderr, proc.stderr[-3000:]
     assert json.loads((tmp_path / "m2" / "metrics.json").read_text())["step"] == 2
 
-
-@pytest.mark.slow
-def test_train_batch_the_data_cannot_fill_and_another_network_are_one_line(tmp_path, faces):
-    data = ("--recipe=synthetic", "--model=tiny", "--image_size=32", "--steps_per_epoch=2",
-            "--max_steps=2", "--export=false", "--projector_images=0",
-            f"--data_dir={faces['train_dir']}", f"--val_dir={faces['test_dir']}")
-    proc = _run("train.py", *data, "--identities_per_batch=50", "--images_per_identity=2",
-                f"--model_dir={tmp_path / 'p'}")
-    _assert_user_error(proc, "train.py", exit_codes.USAGE, "P=50", only_line=False)
-    model_dir = tmp_path / "m"
-    proc = _run("train.py", *data, "--identities_per_batch=4", "--images_per_identity=2",
-                f"--model_dir={model_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run("train.py", *data, "--identities_per_batch=4", "--images_per_identity=2",
-                "--embedding_size=64", f"--model_dir={model_dir}")
-    _assert_user_error(proc, "train.py", exit_codes.USAGE, "embedding_size", only_line=False)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from exit_codes import LOCKED, NO_CHECKPOINT, CliError
+from exit_codes import LOCKED, NO_CHECKPOINT, USAGE, CliError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -391,7 +391,10 @@ def test_a_run_that_failed_before_training_does_not_block_a_corrected_rerun(tmp_
     # fails once the model is built, before the first step: P = 40 > the 8 training identities
     proc = _run(_train_cmd(m, faces, "--max_steps=2", "--optimizer=adagrad",
                            "--identities_per_batch=40"))
-    assert proc.returncode != 0 and "40" in proc.stderr, proc.stderr[-3000:]
+    # a P x K batch the data cannot fill is a user error: one line, exit USAGE, no traceback
+    assert proc.returncode == USAGE and "P=40" in proc.stderr.strip().splitlines()[-1], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     assert not glob.glob(os.path.join(m, "checkpoints", "*.index"))
     assert not os.path.exists(os.path.join(m, "config.json"))
     assert not os.path.exists(os.path.join(m, ".lock"))  # released on the error path too
@@ -405,6 +408,12 @@ def test_a_run_that_failed_before_training_does_not_block_a_corrected_rerun(tmp_
     # a real resume still checks the stored flags
     proc = _run(_train_cmd(m, faces, "--max_steps=4", "--optimizer=adagrad"))
     assert proc.returncode != 0 and "--optimizer=adam" in proc.stderr
+    # ... and flags that describe another network are refused in one line naming the difference
+    proc = _run(_train_cmd(m, faces, "--max_steps=4", "--optimizer=adam", "--embedding_size=64"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == USAGE and last.startswith("train.py: error: ") and \
+        "embedding_size" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
