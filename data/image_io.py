@@ -136,6 +136,13 @@ def probe_image(path):
         img.close()
 
 
+#: Orientation rule of every reader (data.pipeline, data.tfrecords, here): a JPEG whose first
+#: ORIENTATION_WINDOW bytes hold one of ORIENTATION_TAGS (an EXIF block, wherever it sits after
+#: APP0, COM, ... segments, or an XMP orientation) is decoded here, where Pillow applies the
+#: orientation; TensorFlow's decoder would ignore it.
+ORIENTATION_WINDOW = 1 << 18
+ORIENTATION_TAGS = (b"Exif\0\0", b"tiff:Orientation")
+
 #: Segments walked at most by :func:`jpeg_frame_size` (a camera JPEG has ~15 before its pixels).
 JPEG_MAX_SEGMENTS = 128
 _HEAD_BYTES = 1 << 16

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import List, Sequence, Tuple
 
@@ -50,11 +51,6 @@ SMALL_IDENTITY_POLICIES = ("replace", "drop")
 # ----------------------------------------------------------------------------------------------
 
 _HEADER_BYTES = 64
-#: A JPEG is routed to data.image_io when its first ORIENTATION_WINDOW bytes hold an EXIF block
-#: ("Exif\0\0", wherever it sits: after APP0, COM, ... segments) or an XMP orientation
-#: ("tiff:Orientation"): Pillow applies both, TensorFlow neither. Mirrored by data.tfrecords.
-ORIENTATION_WINDOW = 1 << 18
-_ORIENTATION_PATTERN = "Exif\x00\x00|tiff:Orientation"
 
 
 def _tf_decodable(contents, max_pixels=None):
@@ -69,7 +65,8 @@ def _routing(contents, max_pixels=None):
     """-> (tf_decodable bool scalar, is_jpeg bool scalar) for encoded image bytes.
 
     ``tf_decodable`` is True for JPEG without EXIF/XMP orientation data (TensorFlow ignores
-    orientation, image_io applies it; aligned crops carry none; see :data:`ORIENTATION_WINDOW`),
+    orientation, image_io applies it; aligned crops carry none; see
+    :data:`data.image_io.ORIENTATION_WINDOW`),
     BMP, and PNG whose IHDR colour type is 0 (grey) or 2 (RGB); BMP and PNG only when the size
     their header declares is at most ``max_pixels`` (default data.image_io.DEFAULT_MAX_PIXELS;
     larger ones go to image_io, which refuses them, reason "too_large", before decoding anything;
@@ -77,8 +74,10 @@ def _routing(contents, max_pixels=None):
     PNG with alpha or a palette, EXIF JPEGs, empty or garbage files) goes to data.image_io.
     Mirrored by data.tfrecords.native_format.
     """
+    from data.image_io import DEFAULT_MAX_PIXELS, ORIENTATION_TAGS, ORIENTATION_WINDOW
+
     if max_pixels is None:
-        from data.image_io import DEFAULT_MAX_PIXELS as max_pixels
+        max_pixels = DEFAULT_MAX_PIXELS
     # A fixed-size, zero-padded header: substr fails past the end of short files.
     head = tf.strings.substr(tf.strings.substr(contents, 0, _HEADER_BYTES) + b"\0" * _HEADER_BYTES,
                              0, _HEADER_BYTES)
@@ -96,8 +95,9 @@ def _routing(contents, max_pixels=None):
         return tf.where(u >= 2**31, u - 2**32, u)
 
     window = tf.strings.substr(contents, 0, ORIENTATION_WINDOW)
+    pattern = "|".join(re.escape(tag.decode("latin-1")) for tag in ORIENTATION_TAGS)
     oriented = tf.strings.length(tf.strings.regex_replace(
-        window, _ORIENTATION_PATTERN, "", replace_global=False)) < tf.strings.length(window)
+        window, pattern, "", replace_global=False)) < tf.strings.length(window)
     is_jpeg = at(0, b"\xff\xd8\xff")
     plain_jpeg = tf.logical_and(is_jpeg, tf.logical_not(oriented))
     bmp = tf.logical_and(at(0, b"BM"),

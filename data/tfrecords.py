@@ -64,20 +64,17 @@ DEFAULT_MAX_BYTES = 16 << 30
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-#: Mirrors data.pipeline.ORIENTATION_WINDOW: a JPEG whose first bytes hold one of these goes to
-#: data.image_io, which applies the EXIF (or XMP) orientation that TensorFlow ignores.
-ORIENTATION_WINDOW = 1 << 18
-ORIENTATION_TAGS = (b"Exif\0\0", b"tiff:Orientation")
 def native_format(contents: bytes, max_pixels: int = None):
     """'jpeg'/'bmp'/'png' when TensorFlow's decoder matches data.image_io on these bytes, else None.
 
-    ``contents``: the whole file (or at least its first :data:`ORIENTATION_WINDOW` bytes). Mirrors
-    data.pipeline's routing (``_tf_decodable`` and decode_image's JPEG size check): JPEG without
-    EXIF/XMP orientation data in that window, BMP, PNG of colour type 0 (grey) or 2 (RGB); each
-    only when its header declares at most ``max_pixels`` (default
+    ``contents``: the whole file (or at least its first data.image_io.ORIENTATION_WINDOW bytes).
+    Mirrors data.pipeline's routing (``_tf_decodable`` and decode_image's JPEG size check): JPEG
+    without EXIF/XMP orientation data in that window, BMP, PNG of colour type 0 (grey) or 2 (RGB);
+    each only when its header declares at most ``max_pixels`` (default
     data.image_io.DEFAULT_MAX_PIXELS).
     """
-    from data.image_io import DEFAULT_MAX_PIXELS, jpeg_frame_size
+    from data.image_io import (DEFAULT_MAX_PIXELS, ORIENTATION_TAGS, ORIENTATION_WINDOW,
+                               jpeg_frame_size)
 
     if max_pixels is None:
         max_pixels = DEFAULT_MAX_PIXELS
