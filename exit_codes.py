@@ -1,5 +1,5 @@
-"""Exit codes of the command-line tools (train.py, evaluate.py, export.py, faces.py, data.align,
-data.tfrecords), defined once. TF-free: a CLI can import it before TensorFlow.
+"""Exit codes of the command-line tools (train.py, evaluate.py, export.py, faces.py, data.align),
+defined once. TF-free: a CLI can import it before TensorFlow.
 
 Every failure a user can fix ends with one line on stderr, ``<program>: error: <message>``, and one
 of these codes; a traceback means a bug. See the README's "Failure behaviour" section.
