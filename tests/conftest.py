@@ -7,6 +7,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+#: The repository root (what the CLI subprocesses run in and import from).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra):
+    """The environment for a CLI run in a subprocess: this process's, with TensorFlow quiet, the
+    repository importable (PYTHONPATH), and ``extra`` variables (values turned into strings)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def gaussian_clusters(num_ids, per_id, dim=16, spread=0.01, seed=0):
     """Unit embeddings [num_ids * per_id, dim] around random unit centres, and their labels."""
     rng = np.random.default_rng(seed)

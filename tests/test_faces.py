@@ -28,17 +28,11 @@ from data.detect import Face
 from photos import errors
 from photos.detection import FaceCropper, expand_inputs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, subprocess_env as _env
 FACES = os.path.join(REPO, "faces.py")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def run_faces(*args, timeout=240, **env):
     """Run faces.py in a subprocess; returns the CompletedProcess."""
     return subprocess.run([sys.executable, FACES, *[str(a) for a in args]], cwd=REPO,

@@ -17,19 +17,12 @@ import pytest
 
 import exit_codes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, subprocess_env as _env
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-def _env():
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONPATH"] = REPO
-    return env
-
 
 def _run(*args, timeout=300):
     """Run ``python *args`` in the repository root; returns the CompletedProcess."""

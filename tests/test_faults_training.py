@@ -22,14 +22,7 @@ import pytest
 
 from exit_codes import LOCKED, NO_CHECKPOINT, USAGE, CliError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env():
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONPATH"] = REPO
-    return env
+from conftest import REPO, subprocess_env as _env
 
 
 # --------------------------------------------------------------------------- damaged checkpoints

@@ -13,18 +13,11 @@ import pytest
 
 from data.align import SETTINGS_NAME
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, subprocess_env as _env
 pytestmark = pytest.mark.slow
 
 
 ALIGN_CROP = {"detector": "mtcnn", "crop_size": 112, "margin": 16.0, "alignment": "landmarks"}
-
-
-def _env():
-    env = dict(os.environ)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONPATH"] = REPO
-    return env
 
 
 @pytest.fixture(scope="module")
