@@ -90,7 +90,8 @@ def require_writable_parent(path, flag, exit_code=USAGE):
 
 
 def cli_main(main, program, user_errors=()):
-    """Wrap an ``absl.app`` main: CliError and the ``user_errors`` end as one line
+    """Wrap an ``absl.app`` main: deprecated flag names are applied first
+    (``flags.apply_deprecated_aliases``); CliError and the ``user_errors`` end as one line
     ``<program>: error: <message>`` on stderr; other exceptions propagate (a traceback is a bug).
 
     ``user_errors``: exception types (exit code USAGE) or ``(type, exit_code)`` pairs.
@@ -99,6 +100,9 @@ def cli_main(main, program, user_errors=()):
 
     def wrapped(argv):
         try:
+            import flags  # TF-free; deprecated flag names set their new flags first
+
+            flags.apply_deprecated_aliases(program)
             return main(argv)
         except CliError as exc:
             fail(" ".join(str(exc).split()), exc.exit_code, program)

@@ -98,7 +98,8 @@ def evaluate_holdout(embedder, root):
         try:
             extra["clustering"] = evaluate_clustering(
                 emb[ok], labels[ok], distance_threshold=threshold,
-                num_clusters=FLAGS.num_clusters, linkage=FLAGS.clustering_linkage, seed=FLAGS.seed)
+                num_clusters=FLAGS.num_clusters, linkage=project_flags.linkage("evaluate"),
+                seed=FLAGS.seed)
         except ValueError as exc:
             logging.warning("clustering skipped: %s", exc)
             extra["clustering"] = {"error": str(exc)}
@@ -155,8 +156,8 @@ def _check_paths(holdout_dir):
 
 def run():
     """Run the protocols selected by the flags; returns the JSON-ready results dict."""
-    from evaluation.embedder import load_embedder
     from evaluation.report import summarize_failures
+    from training.export import load_embedder  # a SavedModel, or a checkpoint of --model_dir
 
     if not FLAGS.export_dir and not FLAGS.model_dir:
         raise app.UsageError("give --export_dir (SavedModel) or --model_dir (checkpoint)")
@@ -221,6 +222,7 @@ def main(argv):
     from exit_codes import CliError, fail
 
     try:
+        project_flags.apply_deprecated_aliases("evaluate.py")  # e.g. --clustering_linkage
         _check_paths(FLAGS.data_dir or FLAGS.val_dir)  # before TensorFlow loads: fails fast
         import_tensorflow()  # TF 2.21's start-up banner ignores TF_CPP_MIN_LOG_LEVEL
         results = run()

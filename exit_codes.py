@@ -1,5 +1,6 @@
 """Exit codes of the command-line tools (train.py, evaluate.py, export.py, faces.py, data.align),
-defined once. TF-free: a CLI can import it before TensorFlow.
+defined once: one table, one meaning per code in every tool. TF-free: a CLI can import it before
+TensorFlow.
 
 Every failure a user can fix ends with one line on stderr, ``<program>: error: <message>``, and one
 of these codes; a traceback means a bug. See the README's "Failure behaviour" section.
@@ -8,14 +9,15 @@ of these codes; a traceback means a bug. See the README's "Failure behaviour" se
     1  USAGE          bad command line or user error: unknown flag value, missing or unreadable
                       folder, read-only --model_dir, an empty dataset
     2  BAD_EXPORT     --export_dir missing, not a SavedModel, no serving signature, empty folder
-    3  NO_FACE        faces.py: no face found; train.py: the loss became NaN/inf (historical clash,
-                      kept for compatibility; see NAN_LOSS)
+    3  NO_FACE        faces.py: no face found
     4  UNREADABLE     a file that does not exist or cannot be decoded (or every file given)
     5  NO_THRESHOLD   no --threshold and the export stores none
     6  EMPTY_GALLERY  faces.py: the gallery holds no usable face
     7  LOCKED         --model_dir is in use by another running process
     8  NO_CHECKPOINT  no checkpoint in --model_dir restores (all damaged)
     9  DAMAGED_DATA   a damaged input (e.g. a truncated TFRecord shard) without the flag to skip it
+   10  NAN_LOSS       train.py: the loss became NaN/inf (3 until this release, which clashed with
+                      NO_FACE)
 """
 import os
 import sys
@@ -24,13 +26,13 @@ OK = 0
 USAGE = 1
 BAD_EXPORT = 2
 NO_FACE = 3
-NAN_LOSS = 3
 UNREADABLE = 4
 NO_THRESHOLD = 5
 EMPTY_GALLERY = 6
 LOCKED = 7
 NO_CHECKPOINT = 8
 DAMAGED_DATA = 9
+NAN_LOSS = 10
 
 
 class CliError(Exception):

@@ -7,16 +7,17 @@
     python faces.py cluster PHOTO_OR_DIR... --export_dir E [--clusters_dir clusters]
                     [--linkage complete]
 
-Faces are found with MTCNN and cropped exactly as ``python -m data.align`` crops training data
-(--crop_size, --crop_margin and --alignment take its --image_size, --margin and --align; by
-default, the values the export records for its training data, else data.align's defaults); --detector=none takes every file as an already-aligned face. Distances
-are squared L2; the threshold is the one stored in the export unless --threshold is given.
---json prints one JSON object instead of text; progress goes to stderr.
+Faces are found with MTCNN and cropped exactly as ``python -m data.align`` crops training data:
+the same flags, --crop_size, --crop_margin and --alignment (flags.define_crop_flags), by default
+the values the export records for its training data, else data.align's defaults; --detector=none
+takes every file as an already-aligned face. Distances are squared L2; the threshold is the one
+stored in the export unless --threshold is given. --json prints one JSON object instead of text;
+progress goes to stderr.
 
-Exit status: 0 done (with many inputs, photos without a face are reported on stderr and in the
-output, and the rest go on); 1 bad command line; 2 bad --export_dir; 3 no face found; 4 a file
-missing or unreadable; 5 no threshold (none stored in the export and no --threshold); 6 empty
-gallery.
+Exit status (the table of exit_codes.py, shared by every tool): 0 done (with many inputs, photos
+without a face are reported on stderr and in the output, and the rest go on); 1 bad command line;
+2 bad --export_dir; 3 no face found; 4 a file missing or unreadable; 5 no threshold (none stored
+in the export and no --threshold); 6 empty gallery.
 """
 import json
 import sys
@@ -167,7 +168,7 @@ def cmd_cluster(args):
     model = _model()
     threshold, source = _threshold(model)
     result = run_cluster(files, model, _cropper(), threshold, FLAGS.clusters_dir, source,
-                         linkage=FLAGS.linkage, largest=FLAGS.largest, progress=FLAGS.progress)
+                         linkage=flags.linkage("faces"), largest=FLAGS.largest, progress=FLAGS.progress)
     _report_failures([_failure(f) for f in result["failed"]], len(files))
     _emit(result, format_cluster)
 
@@ -175,21 +176,17 @@ def cmd_cluster(args):
 def main(argv):
     from absl import logging
 
-    from photos.errors import PhotoError
-
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # no INFO chatter unless asked for (-v 0)
 
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = f"unknown command {argv[1]!r}" if len(argv) >= 2 else "no command"
         raise app.UsageError(f"{got}; choose one of: {', '.join(COMMANDS)}")
-    command, args = argv[1], argv[2:]
-    try:
-        globals()[f"cmd_{command}"](args)
-    except PhotoError as exc:
-        print(f"faces.py: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    globals()[f"cmd_{argv[1]}"](argv[2:])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from cli_checks import cli_main
+
+    # PhotoError (a CliError): one line `faces.py: error: ...` and its exit code
+    app.run(cli_main(main, "faces.py"))

@@ -1,18 +1,27 @@
-"""Command-line flags, defined once for train.py, evaluate.py and export.py (absl).
+"""Command-line flags, defined once for train.py, evaluate.py, export.py, faces.py and data.align
+(absl).
 
 Import this module and call the ``define_*`` functions you need before ``app.run(main)``; each group
 is defined at most once per process, so a module may call a group that another already defined.
 Flag values are read from ``absl.flags.FLAGS``.
+
+One vocabulary for every command-line tool: a flag name means the same thing in each tool that
+has it (``--crop_size``/``--crop_margin``/``--alignment`` for the face crop, ``--image_size`` for
+the network input, ``--triplet_margin`` for the loss's alpha, ``--linkage``, ``--threshold``), and
+the choices of the enum flags come from ``choices.py``. Old names keep working for one release as
+deprecated aliases (``define_deprecated_alias``): they print a warning and set the new flag;
+``cli_checks.cli_main`` applies them before a tool's main runs.
 """
+import sys
+
 from absl import flags
 
-FLAGS = flags.FLAGS
+from choices import (ALIGNMENTS, DISTANCES, DISTRIBUTION_STRATEGIES, HEADS, LINKAGES, LOSSES,
+                     LR_SCHEDULES, MINING_STRATEGIES, MODEL_NAMES, NORMALIZATIONS, OPTIMIZERS, RECIPES,
+                     SMALL_IDENTITY_POLICIES)
+from exit_codes import CliError
 
-MODEL_NAMES = ("nn1", "nn2", "nn3", "nn4", "nns1", "nns2", "tiny")
-MINING_CHOICES = ("semi_hard", "semi_hard_paper", "hard", "all")
-DISTANCE_CHOICES = ("squared_l2", "l2", "cosine")
-HEAD_CHOICES = ("softmax", "softmax_center", "normface", "sphereface", "cosface", "arcface")
-LOSS_CHOICES = ("triplet", "contrastive", "lifted", "trihard", "distance_weighted") + HEAD_CHOICES
+FLAGS = flags.FLAGS
 
 _defined = set()
 
@@ -32,6 +41,51 @@ def _once(group):
     return wrap
 
 
+class _DeprecatedAlias(flags.Flag):
+    """An old flag name kept for one release; ``new_name`` is the flag it sets."""
+
+    def __init__(self, target, old):
+        super().__init__(target.parser, target.serializer, old, None,
+                         f"Deprecated: use --{target.name} (this name goes in the next release).")
+        self.new_name = target.name
+
+
+def define_deprecated_alias(old, new, flag_values=FLAGS):
+    """Keep ``--old`` working for one release as a deprecated name of the defined flag ``--new``.
+
+    ``--old`` parses values as ``--new`` does; ``apply_deprecated_aliases`` moves its value over.
+    Defining the same alias twice is a no-op; a name already taken by another flag is an error.
+    """
+    if old in flag_values:
+        if getattr(flag_values[old], "new_name", None) == new:
+            return
+        raise ValueError(f"--{old} cannot be a deprecated alias of --{new}: it is another flag")
+    flags.DEFINE_flag(_DeprecatedAlias(flag_values[new], old), flag_values)
+
+
+def apply_deprecated_aliases(program=None, flag_values=FLAGS):
+    """Give each new flag the value of its deprecated alias when only the alias was used, with
+    one warning line on stderr; both with different values is a CliError (exit code USAGE).
+
+    Returns the old names that were used.
+    """
+    used = []
+    for old in sorted(flag_values):
+        alias = flag_values[old]
+        if not isinstance(alias, _DeprecatedAlias) or not alias.present:
+            continue
+        target = flag_values[alias.new_name]
+        if target.present and target.value != alias.value:
+            raise CliError(f"--{old} is the deprecated name of --{target.name}; give only "
+                           f"--{target.name}")
+        sys.stderr.write(f"{program or 'facenet'}: warning: --{old} is deprecated and goes in the "
+                         f"next release; use --{target.name}\n")
+        target.value = alias.value
+        target.present = alias.present
+        used.append(old)
+    return used
+
+
 @_once("common")
 def define_common_flags():
     """Model identity and run location: shared by every entry point."""
@@ -41,7 +95,7 @@ def define_common_flags():
         "Input size as 'S' or 'HxW' in pixels; default is the model's own (nn1 220, nn2 224, "
         "nn3 160, nn4 96, nns1 165, nns2 140x116).")
     flags.DEFINE_integer("embedding_size", 128, "Embedding dimension (the paper uses 128).")
-    flags.DEFINE_enum("normalization", "batch", ("batch", "lrn"),
+    flags.DEFINE_enum("normalization", "batch", NORMALIZATIONS,
                       "Normalisation layers: batch norm (default) or the paper's LRN.")
     flags.DEFINE_string("model_dir", None, "Directory for checkpoints, logs and exports.")
     flags.DEFINE_integer("seed", 1234, "Random seed for data order, augmentation and init.")
@@ -70,22 +124,20 @@ def define_train_flags():
     """Batches, loss, optimisation and run control for train.py."""
     define_common_flags()
     define_data_flags()
-    from training.recipes import RECIPE_CHOICES
-
     flags.DEFINE_enum(
-        "recipe", "auto", RECIPE_CHOICES,
+        "recipe", "auto", RECIPES,
         "A measured set of defaults for the flags not given (training/recipes.py): 'real' for "
         "in-the-wild aligned crops, 'paper' for FaceNet's own setup (Adagrad 0.05, semi-hard, "
         "P=45 x K=40, NN4), 'synthetic' for the built-in data; 'auto' is 'real' with --data_dir, "
         "else 'synthetic'.")
     flags.DEFINE_integer("identities_per_batch", 16, "P: identities per batch.")
     flags.DEFINE_integer("images_per_identity", 8, "K: images per identity in a batch.")
-    flags.DEFINE_enum("small_identities", "replace", ("replace", "drop"),
+    flags.DEFINE_enum("small_identities", "replace", SMALL_IDENTITY_POLICIES,
                       "Identities with fewer than K images: sample with replacement, or drop.")
     flags.DEFINE_bool("skip_damaged_shards", False,
                       "TFRecord --data_dir: train on the intact records of a damaged (e.g. truncated) "
                       "shard, with a warning counting the records lost, instead of stopping (exit 9).")
-    flags.DEFINE_enum("loss", "triplet", LOSS_CHOICES,
+    flags.DEFINE_enum("loss", "triplet", LOSSES,
                       "Training objective: FaceNet's triplet loss, another metric-learning loss, or "
                       "a classification head over the embedding (see training/objectives.py).")
     flags.DEFINE_float("loss_margin", None,
@@ -96,17 +148,18 @@ def define_train_flags():
     flags.DEFINE_integer("pretrain_softmax_steps", 0,
                          "With --loss=triplet: train a classification head (--pretrain_head) for "
                          "this many steps first, then drop it and fine-tune with the triplet loss.")
-    flags.DEFINE_enum("pretrain_head", "softmax", HEAD_CHOICES,
+    flags.DEFINE_enum("pretrain_head", "softmax", HEADS,
                       "The head of --pretrain_softmax_steps: plain softmax or a margin head "
                       "(--head_scale, --head_margin apply).")
-    flags.DEFINE_enum("mining", "semi_hard", MINING_CHOICES, "Online triplet mining strategy.")
-    flags.DEFINE_enum("distance", "squared_l2", DISTANCE_CHOICES, "Embedding distance in the loss.")
-    flags.DEFINE_float("margin", 0.2, "Triplet margin alpha (the paper's 0.2).")
+    flags.DEFINE_enum("mining", "semi_hard", MINING_STRATEGIES, "Online triplet mining strategy.")
+    flags.DEFINE_enum("distance", "squared_l2", DISTANCES, "Embedding distance in the loss.")
+    flags.DEFINE_float("triplet_margin", 0.2, "Triplet margin alpha (the paper's 0.2, Section 3.1).")
+    define_deprecated_alias("margin", "triplet_margin")
     flags.DEFINE_float("val_fraction", 0.2, "Fraction of identities held out when no --val_dir.")
-    flags.DEFINE_enum("optimizer", "adagrad", ("adagrad", "adam", "adamw", "sgd"),
+    flags.DEFINE_enum("optimizer", "adagrad", OPTIMIZERS,
                       "Optimiser: Adagrad as in the paper, Adam, AdamW, or SGD with momentum.")
     flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate (paper: 0.05 with Adagrad).")
-    flags.DEFINE_enum("lr_schedule", "constant", ("constant", "cosine", "step"),
+    flags.DEFINE_enum("lr_schedule", "constant", LR_SCHEDULES,
                       "Learning-rate schedule over --max_steps.")
     flags.DEFINE_integer("warmup_steps", 0,
                          "Linear learning-rate warm-up over this many first steps.")
@@ -128,8 +181,7 @@ def define_train_flags():
                       "Decode the training images once and keep them in memory (data/"
                       "memory_cache.py). auto: when they take at most a quarter of the RAM.")
     flags.DEFINE_boolean("mixed_precision", False, "Use the mixed_float16 policy.")
-    flags.DEFINE_enum("distribution_strategy", "default",
-                      ("default", "mirrored", "multi_worker_mirrored"),
+    flags.DEFINE_enum("distribution_strategy", "default", DISTRIBUTION_STRATEGIES,
                       "tf.distribute strategy; mining happens per replica.")
     flags.DEFINE_integer("num_cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try --distribution_"
@@ -146,8 +198,8 @@ def define_train_flags():
 def define_export_flags():
     """export.py: which checkpoint and where to."""
     define_common_flags()
+    define_threshold_flag()
     flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (default: latest in model_dir).")
-    flags.DEFINE_float("threshold", None, "Verification threshold to store (default: from model_dir).")
 
 
 @_once("evaluate")
@@ -164,9 +216,8 @@ def define_evaluate_flags():
     flags.DEFINE_boolean("identification", True, "Run the identification protocol (hold-out set).")
     flags.DEFINE_boolean("clustering", True, "Run the clustering protocol (hold-out set).")
     flags.DEFINE_integer("num_clusters", None, "k for k-means; default agglomerative by threshold.")
-    flags.DEFINE_enum("clustering_linkage", "average", ("average", "complete"),
-                      "Agglomerative linkage on squared L2 distances, cut at the verification "
-                      "threshold.")
+    define_linkage_flag()
+    define_deprecated_alias("clustering_linkage", "linkage")
     flags.DEFINE_float("clustering_threshold", None,
                        "Agglomerative cut, squared L2; default: the hold-out verification threshold "
                        "(accuracy-optimal on the hold-out pairs, so small with --pairs=all).")
@@ -196,32 +247,62 @@ def parse_image_size(value, default):
     raise ValueError(f"image size must look like '160' or '140x116', got {value!r}")
 
 
+@_once("threshold")
+def define_threshold_flag():
+    """--threshold: the verification threshold on the squared L2 distance (export.py stores it in
+    the export, faces.py decides with it)."""
+    flags.DEFINE_float("threshold", None,
+                       "Verification threshold on the squared L2 distance (export.py: the one to "
+                       "store, default from model_dir's metrics.json; faces.py: default the one "
+                       "stored in the export).")
+
+
+@_once("crop")
+def define_crop_flags():
+    """The face crop, shared by data.align (which makes it) and faces.py (which repeats it)."""
+    flags.DEFINE_integer("crop_size", 160,
+                         "Side of the square face crop, pixels, before any resize to the network's "
+                         "--image_size. faces.py: default the export's recorded crop, else 160.")
+    flags.DEFINE_float("crop_margin", 32,
+                       "Margin of the face crop. box: source pixels around the face box in total "
+                       "(half per side); landmarks: output pixels around the template. faces.py: "
+                       "default the export's recorded crop, else 32.")
+    flags.DEFINE_enum("alignment", "box", ALIGNMENTS,
+                      "box: crop box + margin and resize; landmarks: 5-point similarity warp. "
+                      "faces.py: default the export's recorded crop, else box.")
+    flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).")
+
+
+@_once("linkage")
+def define_linkage_flag():
+    """--linkage: agglomerative clustering on squared L2 distances, shared by evaluate.py's
+    clustering protocol and faces.py cluster, whose defaults differ (LINKAGE_DEFAULTS)."""
+    flags.DEFINE_enum("linkage", None, LINKAGES,
+                      "Agglomerative linkage on squared L2 distances, cut at the threshold. "
+                      "complete: every pair of faces in a cluster is within it (a cluster never "
+                      "joins two people the verifier tells apart); average: the mean distance "
+                      "between merged groups is. Default: average in evaluate.py, complete in "
+                      "faces.py cluster.")
+
+
+LINKAGE_DEFAULTS = {"evaluate": "average", "faces": "complete"}
+
+
+def linkage(tool):
+    """The --linkage to use in ``tool`` ('evaluate' or 'faces'): the flag, else the tool's
+    default."""
+    return FLAGS.linkage or LINKAGE_DEFAULTS[tool]
+
+
 @_once("faces")
 def define_faces_flags():
-    """faces.py: the photo tool (embed, verify, identify, cluster).
-
-    ``--threshold`` is also defined by the export group with the same meaning (a squared-L2
-    verification threshold); it is defined here with ``allow_override`` so that both groups can
-    live in one process, in either order.
-    """
+    """faces.py: the photo tool (embed, verify, identify, cluster)."""
     define_common_flags()
-    flags.DEFINE_float("threshold", None,
-                       "Verification threshold on the squared L2 distance (default: the one "
-                       "stored in the export).", allow_override=True)
+    define_threshold_flag()
+    define_crop_flags()
     flags.DEFINE_enum("detector", "mtcnn", ("mtcnn", "none"),
                       "Face detection: MTCNN as data.align, or none: every file is already an "
                       "aligned face crop.")
-    flags.DEFINE_integer("crop_size", 160,
-                         "Side of the face crop before the model's resize, as data.align's "
-                         "--image_size (default: the value the export records for its training "
-                         "data, else 160).")
-    flags.DEFINE_float("crop_margin", 32, "Margin of the face crop, as data.align's --margin "
-                       "(default: the export's recorded value, else 32).")
-    flags.DEFINE_enum("alignment", "box", ("box", "landmarks"),
-                      "Face crop, as data.align's --align: box + margin, or 5-point warp "
-                      "(default: the export's recorded value, else box).")
-    flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).",
-                         allow_override=True)
     flags.DEFINE_boolean("largest", False,
                          "Only the main face of each photo (largest and most central, the one "
                          "data.align keeps) instead of every face.")
@@ -237,10 +318,6 @@ def define_faces_flags():
     flags.DEFINE_boolean("use_gallery_cache", True, "identify: read and write the gallery cache.")
     flags.DEFINE_string("clusters_dir", "clusters",
                         "cluster: where clusters.json and the contact sheets are written.")
-    flags.DEFINE_enum("linkage", "complete", ("complete", "average", "single"),
-                      "cluster: agglomerative linkage on squared L2 distances, cut at the "
-                      "threshold. complete: every pair of faces in a cluster is within it (a "
-                      "cluster never joins two people the verifier tells apart); average: the "
-                      "mean distance between merged groups is.")
+    define_linkage_flag()
     flags.DEFINE_boolean("json", False, "Print the result as one JSON object instead of text.")
     flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr for long work.")

@@ -1,11 +1,13 @@
-"""Throughput of the synthetic-face generator (data/synthetic.py); one JSON object per line.
+"""Throughput of the synthetic-face generator (data/synthetic/); one JSON object per line.
 
     python bench/synthetic.py [--image_size 160] [--images 400] [--workers 2]
 
 Lines: ``render`` (render_face only), ``render_jpeg`` (plus JPEG encode), ``render_jpeg_write``
 (plus writing the file), all single process; then ``generate_dataset`` end to end with 1 and with
-``--workers`` processes (pixel baseline excluded). ``images_per_second_per_core`` divides by the
-processes used. The 1-minute load average is printed: on a shared machine the figures are a floor.
+``--workers`` processes (pixel baseline excluded); last ``pixel_baseline``: the raw-pixel baseline
+(evaluation/pixel_baseline.py) on that dataset's held-out pairs, with its accuracies (few pairs: a
+timing, not the README's figure). ``images_per_second_per_core`` divides by the processes used.
+The 1-minute load average is printed: on a shared machine the figures are a floor.
 """
 import argparse
 import json
@@ -19,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from data.synthetic import generate_dataset  # noqa: E402
-from data.synthetic_params import sample_identities  # noqa: E402
-from data.synthetic_render import render_face, render_jpeg  # noqa: E402
+from data.synthetic.params import sample_identities  # noqa: E402
+from data.synthetic.render import render_face, render_jpeg  # noqa: E402
+from evaluation.pixel_baseline import pixel_baseline  # noqa: E402
 
 
 def _emit(mode, size, n, seconds, processes=1, **extra):
@@ -69,9 +72,14 @@ def main():
         for workers in sorted({1, args.workers}):
             out = os.path.join(tmp, f"ds_{workers}")
             t = time.perf_counter()
-            generate_dataset(out, n_ids, per_id, size, 0, heldout_identities=2, workers=workers,
-                             progress=False, compute_baseline=False)
+            info = generate_dataset(out, n_ids, per_id, size, 0, heldout_identities=2, workers=workers,
+                                    progress=False)
             _emit("generate_dataset", size, n_ids * per_id, time.perf_counter() - t, processes=workers)
+        t = time.perf_counter()
+        base = pixel_baseline(info["test_dir"], info["pairs_file"])
+        _emit("pixel_baseline", size, 2 * per_id, time.perf_counter() - t,
+              pairs=2 * info["counts"]["folds"] * info["counts"]["pairs_per_fold"],
+              pixel_baseline_accuracy=max(base.values()), pixel_baseline=base)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Align a photo collection into FaceNet thumbnails: one face crop per image, MTCNN-detected.
 
-    python -m data.align --input_dir RAW --output_dir ALIGNED --image_size 160 --margin 32
+    python -m data.align --input_dir RAW --output_dir ALIGNED --crop_size 160 --crop_margin 32
 
 FaceNet trains on "thumbnails tightly cropped around the face area" (Section 4). This tool mirrors
 the input tree (``RAW/<identity>/<image>`` -> ``ALIGNED/<identity>/<stem>.png``; a flat folder, or
 any depth, works the same), keeps one face per image (:func:`data.detect.select_face`), and crops
 it by box + margin (davidsandberg/facenet's convention) or by a 5-point similarity warp
-(``--align=landmarks``).
+(``--alignment=landmarks``). The crop flags are faces.py's too (``flags.define_crop_flags``); the
+old names ``--image_size``, ``--margin`` and ``--align`` still work for one release, with a warning.
 
 * Every image that yields no crop is listed in ``ALIGNED/align_report.tsv`` (path, reason,
   detail); reasons: ``no_face``, the :class:`data.image_io.UnreadableImageError` reasons
@@ -25,7 +26,8 @@ it by box + margin (davidsandberg/facenet's convention) or by a 5-point similari
 * ``--workers N`` processes (spawned; each builds its own MTCNN once).
 
 Huge JPEGs are decoded reduced (:func:`data.image_io.read_image_downscaled`, longest side
-``--max_decode_side``); boxes and crops then use that copy, with ``--margin`` converted to its pixels.
+``--max_decode_side``); boxes and crops then use that copy, with ``--crop_margin`` converted to its
+pixels.
 """
 import os
 
@@ -37,10 +39,8 @@ import multiprocessing  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 from data import image_io  # noqa: E402
-from data.atomic import is_partial, write_atomically, write_text_atomically  # noqa: E402
+from data.atomic import is_partial, write_png_atomically, write_text_atomically  # noqa: E402
 
 #: File extensions read as images (others are counted as ignored, never opened).
 ALIGN_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".pgm", ".ppm", ".pbm",
@@ -156,16 +156,6 @@ def list_jobs(input_dir, output_dir):
     return jobs, ignored
 
 
-def write_png_atomic(path, image_rgb):
-    """Write uint8 RGB [H, W, 3] as PNG: temporary file in the same folder, then rename."""
-    import cv2
-
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
-    if not ok:
-        raise OSError(f"PNG encoding failed for {path}")
-    write_atomically(path, lambda fh: fh.write(buf.tobytes()))
-
-
 def _remove_stale_partials(output_dir):
     removed = 0
     for root, _, files in os.walk(output_dir):
@@ -205,7 +195,7 @@ def _worker_task(job):
         crop, reason, detail = _align_one(job.src, s["image_size"], s["margin"], s["mode"], det,
                                           s["max_decode_side"])
         if crop is not None:
-            write_png_atomic(job.dst, crop)
+            write_png_atomically(job.dst, crop)
         return job.rel, reason, detail, None
     except Exception as exc:  # a bad image must not stop a long run: count and report it
         return job.rel, "error", f"{type(exc).__name__}: {exc}", None
@@ -360,16 +350,15 @@ def read_crop_settings(aligned_dir):
 def _define_flags():
     from absl import flags
 
+    import flags as project_flags
+
     flags.DEFINE_string("input_dir", None, "Photo tree: root/<identity>/<image>, or a flat folder.")
     flags.DEFINE_string("output_dir", None, "Aligned tree (mirrors input_dir); report goes here.")
-    flags.DEFINE_integer("image_size", 160, "Side of the square output crop, pixels.")
-    flags.DEFINE_float("margin", 32, "box: source pixels around the face box in total (half per "
-                       "side); landmarks: output pixels around the template.")
-    flags.DEFINE_enum("align", "box", ("box", "landmarks"),
-                      "box: crop box+margin and resize; landmarks: 5-point similarity warp.")
+    project_flags.define_crop_flags()  # --crop_size, --crop_margin, --alignment, --min_face_size
+    for old, new in (("image_size", "crop_size"), ("margin", "crop_margin"), ("align", "alignment")):
+        project_flags.define_deprecated_alias(old, new)
     flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1), "Worker processes.")
     flags.DEFINE_string("detect_only", None, "Write all detections to this JSON file; no crops.")
-    flags.DEFINE_integer("min_face_size", None, "MTCNN minimum face size, pixels (default 20).")
     flags.DEFINE_list("thresholds", None, "MTCNN PNet,RNet,ONet thresholds (default 0.6,0.7,0.8).")
     flags.DEFINE_integer("max_decode_side", DEFAULT_MAX_DECODE_SIDE,
                          "Photos with a longer side above this are decoded reduced.")
@@ -398,8 +387,8 @@ def main(argv=None):
         else:
             require_writable_dir(FLAGS.output_dir, "--output_dir")
         thresholds = [float(t) for t in FLAGS.thresholds] if FLAGS.thresholds else None
-        result = run_alignment(FLAGS.input_dir, FLAGS.output_dir, image_size=FLAGS.image_size,
-                               margin=FLAGS.margin, mode=FLAGS.align, workers=FLAGS.workers,
+        result = run_alignment(FLAGS.input_dir, FLAGS.output_dir, image_size=FLAGS.crop_size,
+                               margin=FLAGS.crop_margin, mode=FLAGS.alignment, workers=FLAGS.workers,
                                detect_only=FLAGS.detect_only, min_face_size=FLAGS.min_face_size,
                                thresholds=thresholds, max_decode_side=FLAGS.max_decode_side,
                                device=FLAGS.device)

@@ -45,3 +45,14 @@ def write_text_atomically(path, text):
     """:func:`write_atomically` for a str, UTF-8 encoded."""
     data = text.encode("utf-8")
     return write_atomically(path, lambda fh: fh.write(data))
+
+
+def write_png_atomically(path, image_rgb):
+    """Write uint8 RGB [H, W, 3] as a PNG file at ``path``, atomically (:func:`write_atomically`)."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    write_atomically(path, lambda fh: fh.write(buf.tobytes()))

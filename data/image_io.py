@@ -136,7 +136,7 @@ def probe_image(path):
         img.close()
 
 
-#: Orientation rule of every reader (data.pipeline, data.tfrecords, here): a JPEG whose first
+#: Orientation rule of every reader (data.decode, data.tfrecords, here): a JPEG whose first
 #: ORIENTATION_WINDOW bytes hold one of ORIENTATION_TAGS (an EXIF block, wherever it sits after
 #: APP0, COM, ... segments, or an XMP orientation) is decoded here, where Pillow applies the
 #: orientation; TensorFlow's decoder would ignore it.

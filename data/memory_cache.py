@@ -10,7 +10,7 @@ than the training input (so that random crops keep full resolution):
 
 The array takes ``N * h * w * 3`` bytes (11,562 crops at 74x74: 190 MB); :func:`cache_fits` decides
 whether that is reasonable on this machine. Decoding uses the same routes as the file pipeline
-(:func:`data.pipeline.decode_image`), so the pixels are the same as a plain resize from the file.
+(:func:`data.decode.decode_image`), so the pixels are the same as a plain resize from the file.
 """
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def decode_to_memory(source, size, batch_size=256, progress=True,
       ValueError: an image that cannot be decoded, named; a file whose header declares more than
         ``data.image_io.DEFAULT_MAX_PIXELS`` fails here (reason "too_large") without being decoded.
     """
-    from data.pipeline import decode_image, load_image, resolve_source
-
+    from data.decode import decode_image, load_image
+    from data.pipeline import resolve_source
     from data.progress import progress as make_progress
 
     items, _, _, items_are_bytes = resolve_source(source, skip_damaged_shards=skip_damaged_shards)
@@ -105,7 +105,7 @@ def decode_to_memory(source, size, batch_size=256, progress=True,
             except tf.errors.OpError:
                 what = f"record {i}" if items_are_bytes else os.fspath(items[i])
                 raise ValueError(f"decode_to_memory: cannot decode {what}: "
-                                 f"{exc.message.splitlines()[0][:200]} (data.pipeline."
+                                 f"{exc.message.splitlines()[0][:200]} (data.file_check."
                                  "validate_files drops unreadable files)") from exc
         raise
     logging.info("decode_to_memory: %d images at %dx%d in memory (%.0f MB)", n, size[0], size[1],

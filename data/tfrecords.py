@@ -68,7 +68,7 @@ def native_format(contents: bytes, max_pixels: int = None):
     """'jpeg'/'bmp'/'png' when TensorFlow's decoder matches data.image_io on these bytes, else None.
 
     ``contents``: the whole file (or at least its first data.image_io.ORIENTATION_WINDOW bytes).
-    Mirrors data.pipeline's routing (``_tf_decodable`` and decode_image's JPEG size check): JPEG
+    Mirrors data.decode's routing (``_tf_decodable`` and decode_image's JPEG size check): JPEG
     without EXIF/XMP orientation data in that window, BMP, PNG of colour type 0 (grey) or 2 (RGB);
     each only when its header declares at most ``max_pixels`` (default
     data.image_io.DEFAULT_MAX_PIXELS).

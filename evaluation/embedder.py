@@ -1,6 +1,7 @@
-"""Turn images into embeddings with an exported SavedModel or a training checkpoint.
+"""Turn images into embeddings with an exported SavedModel or a Keras backbone.
 
-:func:`load_embedder` returns an :class:`Embedder` with
+:func:`load_embedder` (a SavedModel) and :func:`embedder_from_backbone` (a Keras backbone) return
+an :class:`Embedder` with
 
 * ``image_size``: (H, W) model input size in pixels;
 * ``embed_images(images)``: RGB 0..255 [N, h, w, 3] (uint8 or float) -> float32 [N, D];
@@ -21,10 +22,10 @@ Sources (the contracts of export.py and train.py):
   ``assets/facenet.json`` gives ``image_size`` (and the model name, embedding size, threshold). If
   the JSON is missing, H and W come from the signature's static input shape, or ``image_size``
   must be given.
-* ``model_dir``: ``model_dir/config.json`` ({"model", "image_size", "embedding_size",
-  "normalization"}) and the newest intact checkpoint under ``model_dir/checkpoints`` (damaged newer
-  ones are skipped with a warning, training/checkpoints.py); the model is built
-  with ``models.build_model`` and fed ``data.preprocess.preprocess(images)``.
+* a backbone: a Keras model from preprocessed RGB to embeddings, fed
+  ``data.preprocess.preprocess(images)``. A train.py ``model_dir`` (config.json and the newest
+  intact checkpoint) is restored into one by the training side (``training/export.py``), which
+  evaluate.py --model_dir uses.
 """
 import json
 import logging
@@ -32,7 +33,8 @@ import os
 
 import numpy as np
 
-__all__ = ["Embedder", "load_embedder", "read_face_image", "resize_to", "MISSING", "EMBED_FAILED"]
+__all__ = ["Embedder", "load_embedder", "embedder_from_backbone", "read_face_image", "resize_to",
+           "MISSING", "EMBED_FAILED"]
 
 _log = logging.getLogger("facenet.evaluation")
 
@@ -256,49 +258,38 @@ def _load_saved_model(export_dir, image_size, batch_size):
     return Embedder(fn, size, meta.get("embedding_size"), meta, batch_size)
 
 
-def _load_checkpoint(model_dir, image_size, batch_size):
+def embedder_from_backbone(backbone, image_size, metadata=None, batch_size=64,
+                           embedding_size=None):
+    """An :class:`Embedder` of a Keras ``backbone`` (preprocessed RGB [N, H, W, 3] -> [N, D]) at
+    input size ``image_size`` (H, W), fed ``data.preprocess.preprocess(images)`` as in training.
+
+    ``metadata``: the dict the embedder reports (e.g. a training run's config.json).
+    """
     import tensorflow as tf
 
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: is --model_dir a training directory?")
-    config = _read_json(config_path)
-    from training.checkpoints import NoCheckpointError, find_intact
-
-    # the newest checkpoint that restores; damaged newer ones: one warning, left in place
-    ckpt = find_intact(os.path.join(model_dir, "checkpoints"))
-    if ckpt is None:
-        raise NoCheckpointError(f"no checkpoint under {os.path.join(model_dir, 'checkpoints')}")
     from data.preprocess import preprocess
-    from models import build_model
 
-    size = tuple(image_size or config["image_size"])
-    model = build_model(config["model"], embedding_size=config.get("embedding_size", 128),
-                        image_size=size, normalization=config.get("normalization", "batch"))
-    tf.train.Checkpoint(model=model).restore(ckpt).expect_partial()
+    size = (int(image_size[0]), int(image_size[1]))
 
     @tf.function(input_signature=[tf.TensorSpec([None, size[0], size[1], 3], tf.float32)])
     def embed(x):
-        return model(preprocess(x), training=False)
+        return backbone(preprocess(x), training=False)
 
     def fn(batch):
         return embed(tf.constant(batch, tf.float32)).numpy()
 
-    meta = dict(config, source="checkpoint", checkpoint=ckpt)
-    return Embedder(fn, size, config.get("embedding_size"), meta, batch_size)
+    return Embedder(fn, size, embedding_size, metadata, batch_size)
 
 
-def load_embedder(export_dir=None, model_dir=None, image_size=None, batch_size=64):
-    """An :class:`Embedder` from a SavedModel (``export_dir``, preferred when both are given) or
-    from the latest checkpoint of a training directory (``model_dir``).
+def load_embedder(export_dir=None, *, image_size=None, batch_size=64):
+    """An :class:`Embedder` of the SavedModel at ``export_dir``.
 
     ``image_size`` (H, W) overrides the stored input size (needed for a SavedModel without
-    ``assets/facenet.json`` and without a static input shape).
+    ``assets/facenet.json`` and without a static input shape). A training checkpoint is wrapped
+    by the training side (its backbone through :func:`embedder_from_backbone`).
     """
     if image_size is not None:
         image_size = (int(image_size[0]), int(image_size[1]))
     if export_dir:
         return _load_saved_model(os.fspath(export_dir), image_size, batch_size)
-    if model_dir:
-        return _load_checkpoint(os.fspath(model_dir), image_size, batch_size)
     raise ValueError("give --export_dir (SavedModel) or --model_dir (training checkpoint)")

@@ -5,7 +5,7 @@ float32 [B, B] matrix whose diagonal is exactly 0.
 """
 import tensorflow as tf
 
-DISTANCES = ("squared_l2", "l2", "cosine")
+from choices import DISTANCES  # the names, defined once (TF-free; flags.py offers them)
 
 
 def _to_float32(embeddings):

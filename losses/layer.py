@@ -11,7 +11,7 @@ embeddings unchanged.
 import keras
 import tensorflow as tf
 
-from losses.mining import next_seed, seed_generator
+from losses.seeding import next_seed, seed_generator
 from losses.triplet import STAT_KEYS, _check_args, triplet_loss_with_stats
 
 

@@ -27,9 +27,8 @@ import math
 import keras
 import tensorflow as tf
 
+from choices import HEADS  # the names, defined once (TF-free; flags.py offers them)
 from losses import masks
-
-HEADS = ("softmax", "softmax_center", "normface", "sphereface", "cosface", "arcface")
 
 _SIN_EPS = 1e-7  # floor of 1 - cos^2 under the sqrt: only hit within ~1 float32 ulp of cos = +-1
 

@@ -32,15 +32,23 @@ tables (K <= B). Everything compiles with XLA (Keras jit-compiles train steps on
   per-bucket prefix sums over the thresholds d_ap + margin:
   sum_n [d_ap - d_an + m]_+ = c (d_ap + m) - (sum of those d_an), c = #{n: d_an < d_ap + m}.
   No triplet tensor and no loop: O(B^2 log K) time, O(B^2) memory, whatever the batch size.
+* distance-weighted sampling (Wu et al. 2017, Section 4; used by
+  `losses.pair_losses.distance_weighted_loss`): per anchor-positive pair a random negative drawn
+  with probability proportional to the inverse density of distances on the unit hypersphere
+  (`distance_weighted_log_weights`, `distance_weighted_sampling`); a PairMining. O(B^2).
+
+Random draws (paper window, distance-weighted sampling) take `seed`: None for a fresh draw, or an
+int / int tensor [2] for a reproducible stateless one (see `losses.seeding`).
 """
 from typing import NamedTuple
 
-import keras
 import tensorflow as tf
 
-from losses import masks
+from choices import MINING_STRATEGIES
+from losses import empty_batch, masks
+from losses.seeding import stateless_seed
 
-STRATEGIES = ("semi_hard", "semi_hard_paper", "hard", "all")
+STRATEGIES = MINING_STRATEGIES  # the names, defined once in choices.py (TF-free; flags.py offers them)
 
 
 class PairMining(NamedTuple):
@@ -349,33 +357,6 @@ def triplet_distances(dist, anchor, positive, negative):
     return d[:, 0], d[:, 1]
 
 
-def stateless_seed(seed):
-    """A stateless-op seed, int64 [2], from an int or an int tensor of shape [] or [2] (for
-    example `keras.random.SeedGenerator.next()`)."""
-    seed = tf.convert_to_tensor(seed)
-    if seed.dtype not in (tf.int32, tf.int64):
-        raise TypeError(f"seed must be an integer or an integer tensor, got {seed.dtype}.")
-    seed = tf.cast(seed, tf.int64)
-    if seed.shape.rank == 0:
-        seed = tf.stack([seed, tf.constant(0, tf.int64)])
-    return tf.reshape(seed, [2])
-
-
-def seed_generator(seed):
-    """A `keras.random.SeedGenerator(seed)` for a loss that draws at every call, or None.
-
-    Each call then passes `next_seed(generator)` to a stateless draw: successive batches get fresh
-    samples and the whole sequence is reproducible from the int `seed`; None means fresh
-    (stateful) draws. Keep the generator as an attribute of the loss or layer, so Keras tracks it.
-    """
-    return None if seed is None else keras.random.SeedGenerator(int(seed))
-
-
-def next_seed(generator):
-    """The next stateless seed of a `seed_generator` (int tensor [2]), or None for None."""
-    return None if generator is None else generator.next()
-
-
 def _uniform(shape, seed):
     if seed is None:
         return tf.random.uniform(shape, dtype=tf.float32)
@@ -512,3 +493,96 @@ def mine_all(dist, labels, margin=0.2):
         negative_count=tf.reduce_sum(tf.cast(mined.neg, dist.dtype), axis=1),
         negative_sum=mined.below.negative_sum,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Distance-weighted sampling (Wu et al. 2017)
+def distance_weighted_log_weights(dist, labels, dim, cutoff=0.5, nonzero_loss_cutoff=1.4):
+    """Log sampling weights of every (anchor, negative), Wu et al. 2017, Section 4.
+
+    For points uniform on the unit sphere in R^n the pairwise distance has density (Eq. 4)
+
+        q(d) ∝ d^(n-2) (1 - d^2 / 4)^((n-3)/2),   0 < d <= 2,
+
+    and negatives are drawn with probability ∝ 1 / q(d). The distance is first clipped from below
+    at `cutoff` (the paper's lambda; it caps the weight of near-duplicate negatives, whose 1/q
+    explodes), so
+
+        log w(a, n) = -(n-2) log d' - (n-3)/2 log(max(1 - d'^2 / 4, 1e-8)),  d' = max(d, cutoff).
+
+    Negatives with d >= `nonzero_loss_cutoff` get weight 0 (Wu et al.'s margin loss is zero there
+    with its defaults alpha = 0.2, beta = 1.2; it also removes the far tail, where 1/q explodes
+    again). Each row is shifted so its largest allowed log-weight is 0: exp never overflows,
+    whatever n.
+
+    Args:
+      dist: float32 [B, B] Euclidean distances of L2-normalised embeddings (the density assumes
+        the unit sphere).
+      labels: int [B].
+      dim: n, the embedding dimension (int or scalar tensor, >= 2).
+      cutoff: lower clip of the distance, same units as `dist`.
+      nonzero_loss_cutoff: float, or None to keep every negative.
+    Returns:
+      float32 [B, B]: log weights (max 0 per row over allowed entries), -inf where the entry is
+      not an allowed negative (same label, or too far). A row may be all -inf.
+    """
+    dist = tf.cast(dist, tf.float32)
+    n = tf.cast(dim, tf.float32)
+    d = tf.maximum(tf.stop_gradient(dist), tf.cast(cutoff, tf.float32))
+    log_w = (-(n - 2.0) * tf.math.log(d)
+             - 0.5 * (n - 3.0) * tf.math.log(tf.maximum(1.0 - 0.25 * tf.square(d), 1e-8)))
+    allowed = masks.negative_mask(labels)
+    if nonzero_loss_cutoff is not None:
+        allowed = tf.logical_and(allowed, dist < tf.cast(nonzero_loss_cutoff, tf.float32))
+    row_max, _ = masks.masked_maximum(log_w, allowed)
+    neg_inf = tf.fill(tf.shape(log_w), tf.constant(float("-inf"), tf.float32))
+    return tf.where(allowed, log_w - row_max[:, None], neg_inf)
+
+
+def distance_weighted_sampling(dist, labels, dim, cutoff=0.5, nonzero_loss_cutoff=1.4, seed=None):
+    """Draws one negative per anchor-positive pair by distance-weighted sampling (Wu et al. 2017).
+
+    Pair (a, p) gets negative n with probability exp(log_w[a, n]) / sum_k exp(log_w[a, k]), the
+    weights of `distance_weighted_log_weights`; draws are independent across pairs. An anchor all
+    of whose negatives lie beyond `nonzero_loss_cutoff` draws uniformly among its negatives
+    (found = False). Never returns a same-label negative for a valid pair.
+
+    Args:
+      dist: float32 [B, B] Euclidean distances (unit embeddings). labels: int [B].
+      dim: embedding dimension n. cutoff, nonzero_loss_cutoff: see `distance_weighted_log_weights`.
+      seed: None for a fresh (stateful) draw on each call; an int, or an int tensor of shape [2]
+        (e.g. from `keras.random.SeedGenerator.next()`), for a reproducible stateless draw.
+    Returns:
+      PairMining: negative_index int32 [B, B] (meaningful where valid), valid
+      (anchor-positive pair whose anchor has a negative), found (the weighted draw was possible).
+    """
+    labels = masks.flatten_labels(labels)
+    dist = tf.convert_to_tensor(dist)
+
+    def empty():  # B = 0: categorical draws over 0 classes would fail
+        none = tf.zeros([0, 0], tf.bool)
+        return PairMining(tf.zeros([0, 0], tf.int32), none, none)
+
+    return empty_batch.if_nonempty(
+        dist, lambda: _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed), empty)
+
+
+def _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed):
+    log_w = distance_weighted_log_weights(dist, labels, dim, cutoff, nonzero_loss_cutoff)
+    neg = masks.negative_mask(labels)
+    has_weight = tf.reduce_any(tf.math.is_finite(log_w), axis=1)
+    has_negative = tf.reduce_any(neg, axis=1)
+    # Fallback: uniform over the negatives; rows with no negative at all get dummy zeros (the
+    # categorical op returns an out-of-range index for an all -inf row).
+    uniform = tf.where(neg, tf.zeros_like(log_w), tf.fill(tf.shape(log_w), float("-inf")))
+    logits = tf.where(has_weight[:, None], log_w,
+                      tf.where(has_negative[:, None], uniform, tf.zeros_like(log_w)))
+    num = tf.shape(logits)[1]
+    if seed is None:
+        draws = tf.random.categorical(logits, num, dtype=tf.int32)
+    else:
+        draws = tf.random.stateless_categorical(logits, num, seed=stateless_seed(seed),
+                                                dtype=tf.int32)
+    valid = tf.logical_and(masks.positive_mask(labels), has_negative[:, None])
+    found = tf.logical_and(valid, has_weight[:, None])
+    return PairMining(tf.minimum(draws, num - 1), valid, found)

@@ -11,7 +11,8 @@
     distance_weighted_loss    Wu et al. 2017 ("Sampling Matters in Deep Embedding Learning",
                               Section 4): one negative per anchor-positive pair, drawn with
                               probability proportional to the inverse density of distances on the
-                              unit hypersphere, then the margin loss (Eq. 3) or the triplet loss.
+                              unit hypersphere (the sampler is in `losses.mining`), then the
+                              margin loss (Eq. 3) or the triplet loss.
 
 Conventions (as in `losses.triplet`): labels int [B] (or [B, 1], or floats holding integers);
 embeddings float [B, D], computed in float32 (float16 / bfloat16 are cast up); the loss is a
@@ -20,14 +21,19 @@ without any usable pair (one image, one identity, no positive pair, or no image 
 gives 0 with a zero gradient, never NaN. Distances are between the embeddings as given: the
 unit-sphere margins quoted below assume L2-normalised embeddings. Memory is O(B^2) everywhere, no
 [B, B, B] tensor is built, and all randomness is in-graph and seedable (stateless ops).
+
+Each function has a Keras form (ContrastiveLoss, LiftedStructuredLoss, TriHardLoss,
+DistanceWeightedLoss), a thin `losses.wrapper.LossFunctionWrapper` subclass.
 """
 import keras
 import tensorflow as tf
 
-from losses import empty_batch, masks
+from losses import masks
 from losses.distances import (DISTANCES, _to_float32, pairwise_distances, safe_sqrt,
                               squared_l2_distances)
-from losses.mining import PairMining, next_seed, seed_generator, stateless_seed
+from losses.mining import distance_weighted_sampling
+from losses.seeding import next_seed, seed_generator
+from losses.wrapper import LossFunctionWrapper
 
 SAMPLED_LOSSES = ("margin", "triplet")
 
@@ -152,99 +158,6 @@ def trihard_loss(labels, embeddings, distance="l2"):
     return _masked_mean(tf.math.softplus(hardest_positive - hardest_negative), valid)
 
 
-# ---------------------------------------------------------------------------------------------
-# Distance-weighted sampling (Wu et al. 2017)
-def distance_weighted_log_weights(dist, labels, dim, cutoff=0.5, nonzero_loss_cutoff=1.4):
-    """Log sampling weights of every (anchor, negative), Wu et al. 2017, Section 4.
-
-    For points uniform on the unit sphere in R^n the pairwise distance has density (Eq. 4)
-
-        q(d) ∝ d^(n-2) (1 - d^2 / 4)^((n-3)/2),   0 < d <= 2,
-
-    and negatives are drawn with probability ∝ 1 / q(d). The distance is first clipped from below
-    at `cutoff` (the paper's lambda; it caps the weight of near-duplicate negatives, whose 1/q
-    explodes), so
-
-        log w(a, n) = -(n-2) log d' - (n-3)/2 log(max(1 - d'^2 / 4, 1e-8)),  d' = max(d, cutoff).
-
-    Negatives with d >= `nonzero_loss_cutoff` get weight 0 (Wu et al.'s margin loss is zero there
-    with its defaults alpha = 0.2, beta = 1.2; it also removes the far tail, where 1/q explodes
-    again). Each row is shifted so its largest allowed log-weight is 0: exp never overflows,
-    whatever n.
-
-    Args:
-      dist: float32 [B, B] Euclidean distances of L2-normalised embeddings (the density assumes
-        the unit sphere).
-      labels: int [B].
-      dim: n, the embedding dimension (int or scalar tensor, >= 2).
-      cutoff: lower clip of the distance, same units as `dist`.
-      nonzero_loss_cutoff: float, or None to keep every negative.
-    Returns:
-      float32 [B, B]: log weights (max 0 per row over allowed entries), -inf where the entry is
-      not an allowed negative (same label, or too far). A row may be all -inf.
-    """
-    dist = tf.cast(dist, tf.float32)
-    n = tf.cast(dim, tf.float32)
-    d = tf.maximum(tf.stop_gradient(dist), tf.cast(cutoff, tf.float32))
-    log_w = (-(n - 2.0) * tf.math.log(d)
-             - 0.5 * (n - 3.0) * tf.math.log(tf.maximum(1.0 - 0.25 * tf.square(d), 1e-8)))
-    allowed = masks.negative_mask(labels)
-    if nonzero_loss_cutoff is not None:
-        allowed = tf.logical_and(allowed, dist < tf.cast(nonzero_loss_cutoff, tf.float32))
-    row_max, _ = masks.masked_maximum(log_w, allowed)
-    neg_inf = tf.fill(tf.shape(log_w), tf.constant(float("-inf"), tf.float32))
-    return tf.where(allowed, log_w - row_max[:, None], neg_inf)
-
-
-def distance_weighted_sampling(dist, labels, dim, cutoff=0.5, nonzero_loss_cutoff=1.4, seed=None):
-    """Draws one negative per anchor-positive pair by distance-weighted sampling (Wu et al. 2017).
-
-    Pair (a, p) gets negative n with probability exp(log_w[a, n]) / sum_k exp(log_w[a, k]), the
-    weights of `distance_weighted_log_weights`; draws are independent across pairs. An anchor all
-    of whose negatives lie beyond `nonzero_loss_cutoff` draws uniformly among its negatives
-    (found = False). Never returns a same-label negative for a valid pair.
-
-    Args:
-      dist: float32 [B, B] Euclidean distances (unit embeddings). labels: int [B].
-      dim: embedding dimension n. cutoff, nonzero_loss_cutoff: see `distance_weighted_log_weights`.
-      seed: None for a fresh (stateful) draw on each call; an int, or an int tensor of shape [2]
-        (e.g. from `keras.random.SeedGenerator.next()`), for a reproducible stateless draw.
-    Returns:
-      `losses.mining.PairMining`: negative_index int32 [B, B] (meaningful where valid), valid
-      (anchor-positive pair whose anchor has a negative), found (the weighted draw was possible).
-    """
-    labels = masks.flatten_labels(labels)
-    dist = tf.convert_to_tensor(dist)
-
-    def empty():  # B = 0: categorical draws over 0 classes would fail
-        none = tf.zeros([0, 0], tf.bool)
-        return PairMining(tf.zeros([0, 0], tf.int32), none, none)
-
-    return empty_batch.if_nonempty(
-        dist, lambda: _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed), empty)
-
-
-def _sample(dist, labels, dim, cutoff, nonzero_loss_cutoff, seed):
-    log_w = distance_weighted_log_weights(dist, labels, dim, cutoff, nonzero_loss_cutoff)
-    neg = masks.negative_mask(labels)
-    has_weight = tf.reduce_any(tf.math.is_finite(log_w), axis=1)
-    has_negative = tf.reduce_any(neg, axis=1)
-    # Fallback: uniform over the negatives; rows with no negative at all get dummy zeros (the
-    # categorical op returns an out-of-range index for an all -inf row).
-    uniform = tf.where(neg, tf.zeros_like(log_w), tf.fill(tf.shape(log_w), float("-inf")))
-    logits = tf.where(has_weight[:, None], log_w,
-                      tf.where(has_negative[:, None], uniform, tf.zeros_like(log_w)))
-    num = tf.shape(logits)[1]
-    if seed is None:
-        draws = tf.random.categorical(logits, num, dtype=tf.int32)
-    else:
-        draws = tf.random.stateless_categorical(logits, num, seed=stateless_seed(seed),
-                                                dtype=tf.int32)
-    valid = tf.logical_and(masks.positive_mask(labels), has_negative[:, None])
-    found = tf.logical_and(valid, has_weight[:, None])
-    return PairMining(tf.minimum(draws, num - 1), valid, found)
-
-
 def _check_sampled_loss(loss):
     if loss not in SAMPLED_LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; expected one of {SAMPLED_LOSSES}.")
@@ -254,8 +167,9 @@ def distance_weighted_loss(labels, embeddings, loss="margin", margin=0.2, beta=1
                            nonzero_loss_cutoff=1.4, seed=None):
     """Distance-weighted sampling with the margin loss or the triplet loss (Wu et al. 2017).
 
-    Every anchor-positive pair (a, p) draws a negative n by `distance_weighted_sampling`, on the
-    Euclidean distances D of the embeddings (sampling is not differentiated; the loss is).
+    Every anchor-positive pair (a, p) draws a negative n by
+    `losses.mining.distance_weighted_sampling`, on the Euclidean distances D of the embeddings
+    (sampling is not differentiated; the loss is).
 
     * loss="margin" (Eq. 3): l(a, p) = [margin + D_ap - beta]_+ and
       l(a, n) = [margin + beta - D_an]_+
@@ -301,72 +215,41 @@ def distance_weighted_loss(labels, embeddings, loss="margin", margin=0.2, beta=1
 
 # ---------------------------------------------------------------------------------------------
 # Keras losses: `loss(y_true=labels [B], y_pred=embeddings [B, D])` -> the function's scalar.
-class _BatchLoss(keras.losses.Loss):
-    """Base: a batch-level scalar returned as is (Keras' reductions leave a scalar unchanged)."""
-
-    def __init__(self, name, reduction="sum_over_batch_size", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-
-
-class _MarginDistanceLoss(_BatchLoss):
-    """Base: a Keras form of a pure function `fn(labels, embeddings, margin=, distance=)`."""
-
-    _function = None  # staticmethod in each subclass
-    _default_name = None
+@keras.saving.register_keras_serializable(package="facenet")
+class ContrastiveLoss(LossFunctionWrapper):
+    """Keras form of `contrastive_loss`: `loss(y_true=labels, y_pred=embeddings)` -> scalar."""
 
     def __init__(self, margin=1.0, distance="l2", name=None, reduction="sum_over_batch_size",
                  dtype=None):
         _check_distance(distance)
-        super().__init__(name=name or self._default_name, reduction=reduction, dtype=dtype)
-        self.margin = float(margin)
-        self.distance = distance
-
-    def call(self, y_true, y_pred):
-        return self._function(y_true, y_pred, margin=self.margin, distance=self.distance)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, distance=self.distance)
-        return config
+        super().__init__(contrastive_loss, name=name or "contrastive_loss", reduction=reduction,
+                         dtype=dtype, margin=float(margin), distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class ContrastiveLoss(_MarginDistanceLoss):
-    """Keras form of `contrastive_loss`: `loss(y_true=labels, y_pred=embeddings)` -> scalar."""
-
-    _function = staticmethod(contrastive_loss)
-    _default_name = "contrastive_loss"
-
-
-@keras.saving.register_keras_serializable(package="facenet")
-class LiftedStructuredLoss(_MarginDistanceLoss):
+class LiftedStructuredLoss(LossFunctionWrapper):
     """Keras form of `lifted_structured_loss`."""
 
-    _function = staticmethod(lifted_structured_loss)
-    _default_name = "lifted_structured_loss"
+    def __init__(self, margin=1.0, distance="l2", name=None, reduction="sum_over_batch_size",
+                 dtype=None):
+        _check_distance(distance)
+        super().__init__(lifted_structured_loss, name=name or "lifted_structured_loss",
+                         reduction=reduction, dtype=dtype, margin=float(margin), distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class TriHardLoss(_BatchLoss):
+class TriHardLoss(LossFunctionWrapper):
     """Keras form of `trihard_loss` (batch-hard, soft margin)."""
 
     def __init__(self, distance="l2", name="trihard_loss", reduction="sum_over_batch_size",
                  dtype=None):
         _check_distance(distance)
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.distance = distance
-
-    def call(self, y_true, y_pred):
-        return trihard_loss(y_true, y_pred, distance=self.distance)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(distance=self.distance)
-        return config
+        super().__init__(trihard_loss, name=name, reduction=reduction, dtype=dtype,
+                         distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class DistanceWeightedLoss(_BatchLoss):
+class DistanceWeightedLoss(LossFunctionWrapper):
     """Keras form of `distance_weighted_loss`.
 
     With an int `seed`, the loss owns a `keras.random.SeedGenerator(seed)` and each call draws with
@@ -379,24 +262,12 @@ class DistanceWeightedLoss(_BatchLoss):
                  seed=None, name="distance_weighted_loss", reduction="sum_over_batch_size",
                  dtype=None):
         _check_sampled_loss(loss)
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.loss = loss
-        self.margin = float(margin)
-        self.beta = float(beta)
-        self.cutoff = float(cutoff)
-        self.nonzero_loss_cutoff = (None if nonzero_loss_cutoff is None
-                                    else float(nonzero_loss_cutoff))
-        self.seed = None if seed is None else int(seed)
+        super().__init__(
+            distance_weighted_loss, name=name, reduction=reduction, dtype=dtype, loss=loss,
+            margin=float(margin), beta=float(beta), cutoff=float(cutoff),
+            nonzero_loss_cutoff=None if nonzero_loss_cutoff is None else float(nonzero_loss_cutoff),
+            seed=None if seed is None else int(seed))
         self._seed_generator = seed_generator(self.seed)
 
-    def call(self, y_true, y_pred):
-        seed = next_seed(self._seed_generator)
-        return distance_weighted_loss(
-            y_true, y_pred, loss=self.loss, margin=self.margin, beta=self.beta, cutoff=self.cutoff,
-            nonzero_loss_cutoff=self.nonzero_loss_cutoff, seed=seed)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(loss=self.loss, margin=self.margin, beta=self.beta, cutoff=self.cutoff,
-                      nonzero_loss_cutoff=self.nonzero_loss_cutoff, seed=self.seed)
-        return config
+    def _call_kwargs(self):
+        return dict(super()._call_kwargs(), seed=next_seed(self._seed_generator))

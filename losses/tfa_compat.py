@@ -14,7 +14,8 @@ tfa's rules, reproduced exactly (also in degenerate batches):
     metrics) and closest negative (without negatives: the row maximum);
     loss = mean over *all* anchors of the hinge, or of log1p(exp(d_ap - d_an)) when soft.
 distance_metric: "L2" (Euclidean, tfa's default), "squared-L2", "angular" (1 - cosine), or a
-callable [B, D] float32 -> [B, B].
+callable [B, D] float32 -> [B, B] (the Keras classes then cannot be serialised: get_config
+raises TypeError).
 Output is float32 (tfa returns the embeddings' dtype for float16/bfloat16 input).
 """
 import keras
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from losses import empty_batch, masks, mining
 from losses.distances import cosine_distances, l2_distances, squared_l2_distances
+from losses.wrapper import LossFunctionWrapper
 
 _METRICS = {"L2": l2_distances, "squared-L2": squared_l2_distances, "angular": cosine_distances}
 
@@ -93,18 +95,13 @@ def _hard(y_true, y_pred, margin, soft, distance_metric):
                                  tf.cast(tf.size(per_anchor), tf.float32))
 
 
-class _TfaLoss(keras.losses.Loss):
-    def __init__(self, name, reduction, dtype):
-        super().__init__(name=name, reduction=reduction or "none", dtype=dtype)
-
-    def _metric_config(self):
-        if callable(self.distance_metric):
-            raise TypeError("A callable distance_metric cannot be serialised.")
-        return self.distance_metric
+def _check_metric(distance_metric):
+    if not callable(distance_metric) and distance_metric not in _METRICS:
+        raise ValueError(f"Unknown distance_metric {distance_metric!r}.")
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class TripletSemiHardLoss(_TfaLoss):
+class TripletSemiHardLoss(LossFunctionWrapper):
     """Drop-in for `tfa.losses.TripletSemiHardLoss(margin=1.0, distance_metric="L2")`.
 
     Called as loss(y_true=labels [B], y_pred=embeddings [B, D]) -> float32 scalar.
@@ -112,38 +109,18 @@ class TripletSemiHardLoss(_TfaLoss):
 
     def __init__(self, margin=1.0, distance_metric="L2", name="triplet_semihard_loss",
                  reduction="none", dtype=None, **kwargs):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if not callable(distance_metric) and distance_metric not in _METRICS:
-            raise ValueError(f"Unknown distance_metric {distance_metric!r}.")
-        self.margin = float(margin)
-        self.distance_metric = distance_metric
-
-    def call(self, y_true, y_pred):
-        return triplet_semihard_loss(y_true, y_pred, self.margin, self.distance_metric)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, distance_metric=self._metric_config())
-        return config
+        _check_metric(distance_metric)
+        super().__init__(triplet_semihard_loss, name=name, reduction=reduction or "none",
+                         dtype=dtype, margin=float(margin), distance_metric=distance_metric)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class TripletHardLoss(_TfaLoss):
+class TripletHardLoss(LossFunctionWrapper):
     """Drop-in for `tfa.losses.TripletHardLoss(margin=1.0, soft=False, distance_metric="L2")`."""
 
     def __init__(self, margin=1.0, soft=False, distance_metric="L2", name="triplet_hard_loss",
                  reduction="none", dtype=None, **kwargs):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if not callable(distance_metric) and distance_metric not in _METRICS:
-            raise ValueError(f"Unknown distance_metric {distance_metric!r}.")
-        self.margin = float(margin)
-        self.soft = bool(soft)
-        self.distance_metric = distance_metric
-
-    def call(self, y_true, y_pred):
-        return triplet_hard_loss(y_true, y_pred, self.margin, self.soft, self.distance_metric)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, soft=self.soft, distance_metric=self._metric_config())
-        return config
+        _check_metric(distance_metric)
+        super().__init__(triplet_hard_loss, name=name, reduction=reduction or "none",
+                         dtype=dtype, margin=float(margin), soft=bool(soft),
+                         distance_metric=distance_metric)

@@ -18,9 +18,10 @@ it is not available with mining="all".
 import keras
 import tensorflow as tf
 
-from losses import empty_batch, masks
+from losses import empty_batch, masks, seeding
 from losses import mining as mining_lib
 from losses.distances import DISTANCES, pairwise_distances
+from losses.wrapper import LossFunctionWrapper
 
 STAT_KEYS = ("active_fraction", "mean_d_ap", "mean_d_an", "num_pairs", "num_no_semi_hard")
 
@@ -166,7 +167,7 @@ def triplet_loss(labels, embeddings, margin=0.2, distance="squared_l2", mining="
 
 
 @keras.saving.register_keras_serializable(package="facenet")
-class TripletLoss(keras.losses.Loss):
+class TripletLoss(LossFunctionWrapper):
     """Keras loss: `loss(y_true=labels [B] int, y_pred=embeddings [B, D])` -> float32 scalar.
 
     The triplet loss is a batch-level scalar; `call` returns it as a scalar, which Keras' reductions
@@ -179,23 +180,12 @@ class TripletLoss(keras.losses.Loss):
         if callable(distance):
             raise ValueError("TripletLoss needs a named distance to be serialisable; use "
                              "losses.TripletSemiHardLoss for a callable distance.")
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.margin = float(margin)
-        self.distance = distance
-        self.mining = mining
-        self.soft = bool(soft)
-        self.seed = None if seed is None else int(seed)
+        super().__init__(triplet_loss, name=name, reduction=reduction, dtype=dtype,
+                         margin=float(margin), distance=distance, mining=mining, soft=bool(soft),
+                         seed=None if seed is None else int(seed))
         # Only the paper window draws at random: a new seed per call, the sequence from `seed`.
-        self._seed_generator = mining_lib.seed_generator(
+        self._seed_generator = seeding.seed_generator(
             self.seed if mining == "semi_hard_paper" else None)
 
-    def call(self, y_true, y_pred):
-        return triplet_loss(y_true, y_pred, margin=self.margin, distance=self.distance,
-                            mining=self.mining, soft=self.soft,
-                            seed=mining_lib.next_seed(self._seed_generator))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, distance=self.distance, mining=self.mining,
-                      soft=self.soft, seed=self.seed)
-        return config
+    def _call_kwargs(self):
+        return dict(super()._call_kwargs(), seed=seeding.next_seed(self._seed_generator))

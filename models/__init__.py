@@ -23,7 +23,7 @@ from models.madds import count_madds
 from models.nn1 import build_nn1
 from models.small import build_nns1, build_nns2, build_tiny
 
-MODEL_NAMES = ("nn1", "nn2", "nn3", "nn4", "nns1", "nns2", "tiny")
+from choices import MODEL_NAMES  # the names, defined once (TF-free, for flags.py)
 
 _DEFAULT_IMAGE_SIZES = {
     "nn1": (220, 220),

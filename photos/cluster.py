@@ -50,7 +50,7 @@ def contact_sheet(thumbnails, columns=None, gap=4, background=(32, 32, 32)):
 def run_cluster(files, model, cropper, threshold, out_dir, threshold_source="export",
                 linkage="complete", largest=False, progress=True, thumbnail_size=96, sheet_max=100):
     """Cluster every face of ``files``; write the report and sheets; return the report dict."""
-    from data.align import write_png_atomic
+    from data.atomic import write_png_atomically
     from evaluation.clustering import cluster_embeddings
 
     result = embed_photos(files, model, cropper, largest=largest, progress=progress,
@@ -76,7 +76,7 @@ def run_cluster(files, model, cropper, threshold, out_dir, threshold_source="exp
         members = groups[lab]
         sheet_name = f"cluster_{cid:0{width}d}.png"
         sheet = contact_sheet([result.faces[i].thumbnail for i in members[:sheet_max]])
-        write_png_atomic(os.path.join(out_dir, sheet_name), sheet)
+        write_png_atomically(os.path.join(out_dir, sheet_name), sheet)
         clusters.append({"id": cid, "size": len(members), "sheet": sheet_name,
                          "sheet_faces": min(len(members), sheet_max),
                          "photos": len({result.faces[i].file for i in members}),

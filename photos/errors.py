@@ -1,7 +1,8 @@
 """Errors of the photo tool and the exit codes ``faces.py`` maps them to (from exit_codes.py).
 
 Every failure the user can fix is a :class:`PhotoError` with a one-line message and an exit code;
-``faces.py`` prints ``faces.py: error: <message>`` on stderr and exits with that code. Per-file
+``faces.py`` (through ``cli_checks.cli_main``) prints ``faces.py: error: <message>`` on stderr and
+exits with that code. Per-file
 problems met while working through many inputs are :class:`Failure` records instead: they are
 reported and the other inputs go on (see :func:`exit_code_for_failures`).
 """
@@ -31,12 +32,12 @@ MISSING = "missing"
 NON_FINITE = "non_finite_embedding"
 
 
-class PhotoError(Exception):
-    """A fatal, user-facing error: ``str(exc)`` is the message, ``exc.exit_code`` the status."""
+class PhotoError(exit_codes.CliError):
+    """A fatal, user-facing error of the photo tool: ``str(exc)`` is the message,
+    ``exc.exit_code`` the status (a CliError, so ``cli_checks.cli_main`` reports it)."""
 
     def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = int(exit_code)
+        super().__init__(message, exit_code)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,8 @@ import os
 import numpy as np
 
 from photos.errors import EXIT_BAD_EXPORT, EXIT_NO_THRESHOLD, PhotoError
-
-#: The metadata file inside ``export_dir/assets`` (export.METADATA_NAME).
-METADATA_NAME = "facenet.json"
+# the file inside export_dir/assets and its reader (importing them loads no TensorFlow)
+from training.export import METADATA_NAME, read_export_metadata
 
 
 def _valid_threshold(value):
@@ -47,8 +46,6 @@ def check_export_dir(export_dir):
 
 def read_metadata(export_dir):
     """``assets/facenet.json`` as a dict, or None when the export has none (no TensorFlow)."""
-    from export import read_export_metadata
-
     if not os.path.isfile(os.path.join(export_dir, "assets", METADATA_NAME)):
         return None
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import align, detect
+from data import align, atomic, detect
 from data.atomic import PARTIAL_MARK
 from data.detect import Face, crop_face, select_face, similarity_transform
 
@@ -309,10 +309,10 @@ def test_unexpected_detector_error_is_counted_not_fatal(tmp_path):
     assert "b.png\terror\tRuntimeError: boom" in report
 
 
-def test_write_png_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
+def test_write_png_atomically_leaves_nothing_on_failure(tmp_path, monkeypatch):
     img = _face_img()
     target = tmp_path / "d" / "x.png"
-    align.write_png_atomic(str(target), img)
+    atomic.write_png_atomically(str(target), img)
     np.testing.assert_array_equal(np.asarray(Image.open(target)), img)
 
     def broken_replace(src, dst):
@@ -320,7 +320,7 @@ def test_write_png_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(align.os, "replace", broken_replace)
     with pytest.raises(OSError):
-        align.write_png_atomic(str(tmp_path / "d" / "y.png"), img)
+        atomic.write_png_atomically(str(tmp_path / "d" / "y.png"), img)
     assert sorted(os.listdir(tmp_path / "d")) == ["x.png"]  # no y.png, no temp file
     monkeypatch.undo()
     # A temp file from a killed run is cleaned up and never counted as an output.
@@ -427,7 +427,7 @@ def test_cli_subprocess_with_two_workers(tmp_path):
             _save(raw / ident / f"{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     (raw / "p2" / "bad.jpg").write_text("nope")
     cmd = [sys.executable, "-m", "data.align", "--input_dir", str(raw), "--output_dir", str(out),
-           "--image_size", "64", "--margin", "16", "--workers", "2"]
+           "--image_size", "64", "--margin", "16", "--workers", "2"]  # deprecated names
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=repo)
@@ -436,6 +436,10 @@ def test_cli_subprocess_with_two_workers(tmp_path):
     assert res["processed"] == 5 and res["no_face"] == 4 and res["unreadable"] == 1
     assert res["unreadable_by_reason"] == {"not_an_image": 1}
     assert "p2/bad.jpg\tnot_an_image" in (out / "align_report.tsv").read_text()
+    # the old flag names (--image_size, --margin) still work for one release, with a warning
+    assert "--image_size is deprecated" in proc.stderr and "use --crop_margin" in proc.stderr
+    settings = json.loads((out / "align_settings.json").read_text())
+    assert settings["crop_size"] == 64 and settings["margin"] == 16
 
 
 # ----------------------------------------------------------------------------- shared real data

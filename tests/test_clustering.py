@@ -3,7 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import gaussian_clusters
+from tests.helpers import gaussian_clusters
 
 from evaluation.clustering import cluster_embeddings, evaluate_clustering, pairwise_prf
 

@@ -189,7 +189,7 @@ def test_embedder_from_checkpoint(tmp_path):
     import tensorflow as tf
 
     from data.preprocess import preprocess_numpy
-    from evaluation.embedder import load_embedder
+    from training.export import load_embedder
 
     try:
         from models import build_model
@@ -278,7 +278,7 @@ def test_holdout_with_corrupt_and_single_image_identity(setup, tmp_path):
     out_dir = tmp_path / "plots"
     r = _run([f"--export_dir={setup['export']}", f"--data_dir={data}", "--pairs=all",
               "--num_folds=3", "--impostor_fraction=0.3", f"--output_dir={out_dir}",
-              "--clustering_linkage=complete"])
+              "--linkage=complete"])
     n = 6 * PER_ID + 1
     assert r["protocol"] == "holdout" and r["num_pairs"] == n * (n - 1) // 2
     assert r["num_failed_pairs"] == n - 1  # every pair with the corrupt image

@@ -28,7 +28,7 @@ from data.detect import Face
 from photos import errors
 from photos.detection import FaceCropper, expand_inputs
 
-from conftest import REPO, subprocess_env as _env
+from tests.helpers import REPO, subprocess_env as _env
 FACES = os.path.join(REPO, "faces.py")
 
 
@@ -487,8 +487,8 @@ def group_photo(tmp_path_factory, mtcnn):
     and the rectangles they were pasted into."""
     import cv2
 
-    from data.synthetic_params import sample_identities
-    from data.synthetic_render import render_face
+    from data.synthetic.params import sample_identities
+    from data.synthetic.render import render_face
 
     sizes, picked = (120, 200, 120), []
     for i, params in enumerate(sample_identities(12, seed=21)):
@@ -724,7 +724,7 @@ def test_real_detection_crops_are_the_training_crops(group_photo, mtcnn):
 def test_export_without_threshold(trained, tmp_path, synthetic):
     """export.py's own writer with threshold=None: exit 5 unless --threshold is given; without
     facenet.json the threshold comes from the SavedModel's variable."""
-    from export import export_saved_model, restore_backbone
+    from training.export import export_saved_model, restore_backbone
     from photos.model import load_model, resolve_threshold
 
     backbone, config, _ = restore_backbone(trained["model_dir"])

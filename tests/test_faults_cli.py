@@ -17,7 +17,7 @@ import pytest
 
 import exit_codes
 
-from conftest import REPO, subprocess_env as _env
+from tests.helpers import REPO, subprocess_env as _env
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_export_damaged_metrics_without_threshold_names_the_file(tmp_path):
 
 
 def test_stored_metrics_is_optional_with_a_threshold(tmp_path):
-    from export import stored_metrics
+    from training.export import stored_metrics
 
     assert stored_metrics(str(tmp_path)) == {}  # none: fine
     (tmp_path / "metrics.json").write_text("[1, 2]")
@@ -312,7 +312,7 @@ def test_train_with_an_unreadable_val_image_then_export_past_a_damaged_metrics_j
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["threshold"] == 0.75
-    from export import read_export_metadata
+    from training.export import read_export_metadata
 
     assert read_export_metadata(str(tmp_path / "e2"))["threshold"] == 0.75
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data import memory_cache, pipeline, tfrecords
+from data import decode, file_check, memory_cache, pipeline, tfrecords
 from data.dataset import IdentityDataset, scan_identity_folder
 from data.image_io import declared_pixels, jpeg_frame_size, probe_image, read_image
 from data.progress import progress
@@ -140,12 +140,12 @@ def test_validate_files_refuses_the_bomb_from_its_header(bomb_tree, tmp_path):
     ds = scan_identity_folder(root)
     assert len(ds) == 13
     with _PeakRss(300):
-        clean, skipped = pipeline.validate_files(ds, cache_path=str(tmp_path / "v.json"))
+        clean, skipped = file_check.validate_files(ds, cache_path=str(tmp_path / "v.json"))
     assert skipped == [(bomb, "too_large")]
     assert len(clean) == 12 and bomb not in clean.paths
     # The cached verdict keeps it out, with its reason, without decoding it either.
     with _PeakRss(300):
-        clean, skipped = pipeline.validate_files(ds, cache_path=str(tmp_path / "v.json"))
+        clean, skipped = file_check.validate_files(ds, cache_path=str(tmp_path / "v.json"))
     assert skipped == [(bomb, "too_large")] and len(clean) == 12
 
 
@@ -155,11 +155,11 @@ def test_pipeline_and_memory_cache_refuse_the_bomb_without_decoding(bomb_tree, t
     refused = (tf.errors.OpError, ValueError)
     with _PeakRss(300):
         with pytest.raises(refused, match="zz_bomb.png: too_large"):
-            pipeline.load_image(tf.constant(bomb))
+            decode.load_image(tf.constant(bomb))
         with pytest.raises(tf.errors.OpError, match="too_large"):
-            tf.function(pipeline.load_image)(tf.constant(bomb))
+            tf.function(decode.load_image)(tf.constant(bomb))
         with pytest.raises(refused, match=r"encoded image \(.*too_large"):
-            pipeline.decode_image(tf.io.read_file(bomb))  # the TFRecord (bytes) route
+            decode.decode_image(tf.io.read_file(bomb))  # the TFRecord (bytes) route
         only = IdentityDataset((bomb,), np.array([0], np.int32), ("id0",))
         with pytest.raises(ValueError, match="zz_bomb.png.*too_large"):
             memory_cache.decode_to_memory(only, (8, 8), progress=False)
@@ -169,7 +169,7 @@ def test_pipeline_and_memory_cache_refuse_the_bomb_without_decoding(bomb_tree, t
     (tmp_path / "b.bmp").write_bytes(header + b"\0" * 16)
     assert declared_pixels(tmp_path / "b.bmp") == 60_000 * 60_000
     with pytest.raises(refused, match="too_large"):
-        pipeline.load_image(tf.constant(str(tmp_path / "b.bmp")))
+        decode.load_image(tf.constant(str(tmp_path / "b.bmp")))
 
 
 def test_tfrecord_writer_skips_and_counts_the_bomb(bomb_tree, tmp_path):
@@ -205,8 +205,8 @@ def _fake_jpeg(height, width, exif=False, comment=False, xmp=False):
 ], ids=["plain", "comment", "exif", "comment+exif", "comment+xmp"])
 def test_routing_finds_orientation_data_after_other_segments(jpeg, native):
     assert (tfrecords.native_format(jpeg) == "jpeg") == native
-    assert bool(pipeline._tf_decodable(tf.constant(jpeg))) == native
-    assert bool(tf.function(pipeline._tf_decodable)(tf.constant(jpeg))) == native
+    assert bool(decode._tf_decodable(tf.constant(jpeg))) == native
+    assert bool(tf.function(decode._tf_decodable)(tf.constant(jpeg))) == native
 
 
 def _jpeg_declaring(height, width):
@@ -227,9 +227,9 @@ def test_jpeg_declaring_too_many_pixels_is_refused_from_its_header(tmp_path):
     assert tfrecords.native_format(big) is None
     assert tfrecords.native_format(_jpeg_declaring(10_000, 10_000)) == "jpeg"
     with pytest.raises((tf.errors.OpError, ValueError), match="big.jpg: too_large"):
-        pipeline.load_image(tf.constant(str(tmp_path / "big.jpg")))
+        decode.load_image(tf.constant(str(tmp_path / "big.jpg")))
     with pytest.raises(tf.errors.OpError, match="too_large"):
-        tf.function(pipeline.decode_image)(tf.constant(big))
+        tf.function(decode.decode_image)(tf.constant(big))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,16 +267,16 @@ def test_exif_after_a_comment_is_applied_by_every_reader(tmp_path):
     assert np.abs(reference.astype(int) - upright).mean() < 4
 
     got = {
-        "pipeline.load_image": pipeline.load_image(tf.constant(path)).numpy(),
-        "tf.function(load_image)": tf.function(pipeline.load_image)(tf.constant(path)).numpy(),
-        "pipeline.decode_image(bytes)": pipeline.decode_image(tf.constant(data)).numpy(),
+        "decode.load_image": decode.load_image(tf.constant(path)).numpy(),
+        "tf.function(load_image)": tf.function(decode.load_image)(tf.constant(path)).numpy(),
+        "decode.decode_image(bytes)": decode.decode_image(tf.constant(data)).numpy(),
     }
     ds = scan_identity_folder(tmp_path / "ids")
     got["memory_cache"] = memory_cache.decode_to_memory(ds, (48, 80), progress=False)[0]
     summary = tfrecords.write_tfrecords(ds, tmp_path / "shards", 1, progress=False)
     assert summary["reencoded"] == 1  # stored upright, not as the sideways original bytes
     table = tfrecords.load_tfrecords(str(tmp_path / "shards"), cache=False)
-    got["tfrecords"] = pipeline.decode_image(tf.constant(table.encoded[0])).numpy()
+    got["tfrecords"] = decode.decode_image(tf.constant(table.encoded[0])).numpy()
     for name, image in got.items():
         assert image.shape == (48, 80, 3), name
         diff = np.abs(image.astype(int) - reference)

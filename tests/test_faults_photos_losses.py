@@ -138,7 +138,7 @@ def test_faces_identify_rebuilds_a_damaged_cache_end_to_end(tmp_path):
     """faces.py identify, zero-byte --gallery_cache: exit 0, one warning line, cache rebuilt."""
     import keras
 
-    from export import export_saved_model
+    from training.export import export_saved_model
 
     backbone = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
                                  keras.layers.Dense(4), keras.layers.UnitNormalization()])

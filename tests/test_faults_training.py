@@ -22,7 +22,7 @@ import pytest
 
 from exit_codes import LOCKED, NO_CHECKPOINT, USAGE, CliError
 
-from conftest import REPO, subprocess_env as _env
+from tests.helpers import REPO, subprocess_env as _env
 
 
 # --------------------------------------------------------------------------- damaged checkpoints

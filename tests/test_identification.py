@@ -1,7 +1,7 @@
 """Identification protocol (evaluation/identification.py) on synthetic Gaussian clusters."""
 import numpy as np
 import pytest
-from conftest import gaussian_clusters
+from tests.helpers import gaussian_clusters
 
 from evaluation.identification import (evaluate_identification, rank_of_true_identity,
                                        split_gallery_probes)

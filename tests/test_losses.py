@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import keras
 import losses
-from tests.test_mining import brute_force, random_batch
+from tests.helpers import brute_force, random_batch
 
 STRATEGIES = ("semi_hard", "semi_hard_paper", "hard", "all")
 

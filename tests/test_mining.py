@@ -1,6 +1,6 @@
 """Mining and distances checked against brute-force NumPy loops over all (a, p, n) triplets.
 
-`brute_force` here is also the reference used by tests/test_losses.py.
+The references (`brute_force`, `random_batch`, ...) are in tests/helpers.py.
 """
 import functools
 
@@ -10,104 +10,7 @@ import tensorflow as tf
 
 import losses
 from losses import mining
-
-
-# ----------------------------------------------------------------------------- reference
-def _pairs(labels):
-    b = len(labels)
-    for a in range(b):
-        negs = [n for n in range(b) if labels[n] != labels[a]]
-        for p in range(b):
-            if p != a and labels[p] == labels[a]:
-                yield a, p, negs
-
-
-def semi_hard_choice(dist, a, p, negs):
-    """(negative, found) by the tfa/FaceNet rule, explicit loop. Ties: lowest column for the
-    closest farther negative, highest column for the farthest-negative fallback."""
-    farther = [n for n in negs if dist[a, n] > dist[a, p]]
-    if farther:
-        return min(farther, key=lambda n: (dist[a, n], n)), True
-    return max(negs, key=lambda n: (dist[a, n], n)), False
-
-
-def paper_window(dist, a, p, negs, margin):
-    top = np.float32(dist[a, p] + np.float32(margin))
-    return [n for n in negs if dist[a, p] < dist[a, n] < top]
-
-
-def brute_force(dist, labels, margin, strategy, soft=False, paper_choice=None):
-    """Loss and stats of one batch by explicit loops. dist: float32 [B, B] numpy.
-
-    paper_choice: for "semi_hard_paper", the mined negative index [B, B] to score (random choice
-    is checked separately); returns (loss, stats, chosen) with chosen {(a, p): n} or {a: (p, n)}.
-    """
-    labels = np.asarray(labels)
-    m = np.float32(margin)
-    def term(dap, dan):
-        return np.log1p(np.exp(dap - dan)) if soft else max(dap - dan + m, 0.0)
-    num_pairs = sum(1 for _ in _pairs(labels))
-    no_sh = 0
-    terms, daps, dans, active, chosen = [], [], [], [], {}
-    if strategy in ("semi_hard", "semi_hard_paper"):
-        for a, p, negs in _pairs(labels):
-            if not negs:
-                continue
-            n, found = semi_hard_choice(dist, a, p, negs)
-            if strategy == "semi_hard_paper":
-                window = paper_window(dist, a, p, negs, margin)
-                found = bool(window)
-                n = int(paper_choice[a, p]) if window else n
-                assert not window or n in window, (a, p, n, window)
-            no_sh += not found
-            chosen[(a, p)] = n
-            dap, dan = float(dist[a, p]), float(dist[a, n])
-            terms.append(term(dap, dan)); daps.append(dap); dans.append(dan)
-            active.append(dap - dan + m > 0)
-    elif strategy == "hard":
-        for a in range(len(labels)):
-            pos = [p for p in range(len(labels)) if p != a and labels[p] == labels[a]]
-            negs = [n for n in range(len(labels)) if labels[n] != labels[a]]
-            if not pos or not negs:
-                continue
-            p = max(pos, key=lambda j: (dist[a, j], -j))
-            n = min(negs, key=lambda j: (dist[a, j], j))
-            chosen[a] = (p, n)
-            dap, dan = float(dist[a, p]), float(dist[a, n])
-            terms.append(term(dap, dan)); daps.append(dap); dans.append(dan)
-            active.append(dap - dan + m > 0)
-    elif strategy == "all":
-        for a, p, negs in _pairs(labels):
-            for n in negs:
-                dap, dan = float(dist[a, p]), float(dist[a, n])
-                is_active = dist[a, n] < np.float32(dist[a, p] + m)
-                daps.append(dap); dans.append(dan); active.append(is_active)
-                if is_active:
-                    terms.append(dap - dan + float(m))
-    if strategy in ("hard", "all"):
-        for a, p, negs in _pairs(labels):
-            if negs and not any(dist[a, n] > dist[a, p] for n in negs):
-                no_sh += 1
-    mean = lambda xs: float(np.mean(xs)) if len(xs) else 0.0  # noqa: E731
-    if strategy == "all":
-        loss = float(np.sum(terms) / len(terms)) if terms else 0.0
-    else:
-        loss = mean(terms)
-    stats = {"active_fraction": mean(np.asarray(active, float)), "mean_d_ap": mean(daps),
-             "mean_d_an": mean(dans), "num_pairs": float(num_pairs),
-             "num_no_semi_hard": float(no_sh)}
-    return loss, stats, chosen
-
-
-def random_batch(seed, sizes=(5, 1, 3, 7, 2, 4), dim=8, clustered=True):
-    """Uneven identities (one singleton), unit embeddings, shuffled; float32 [B, D], int32 [B]."""
-    rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)]).astype(np.int32)
-    rng.shuffle(labels)
-    centers = rng.normal(size=(len(sizes), dim))
-    emb = rng.normal(size=(len(labels), dim)) + (1.5 * centers[labels] if clustered else 0)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb.astype(np.float32), labels
+from tests.helpers import _pairs, brute_force, paper_window, random_batch, semi_hard_choice
 
 
 # ----------------------------------------------------------------------------- distances

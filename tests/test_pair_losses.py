@@ -10,9 +10,10 @@ import scipy.stats
 import tensorflow as tf
 
 import keras
+from losses import mining
 from losses import pair_losses as pl
 from losses.distances import DISTANCES, pairwise_distances
-from tests.test_mining import random_batch
+from tests.helpers import random_batch
 
 PAIR_LOSSES = {
     "contrastive": pl.contrastive_loss,
@@ -189,7 +190,7 @@ def _dist_l2(emb):
 @pytest.mark.parametrize("dim", [3, 8, 128])
 def test_dws_log_weights_match_numpy(nonzero_loss_cutoff, dim):
     emb, labels = random_batch(7, dim=dim, clustered=dim == 8)
-    log_w = pl.distance_weighted_log_weights(_dist_l2(emb), labels, dim,
+    log_w = mining.distance_weighted_log_weights(_dist_l2(emb), labels, dim,
                                              nonzero_loss_cutoff=nonzero_loss_cutoff).numpy()
     probs = np_dws_probabilities(emb, labels, nonzero_loss_cutoff=nonzero_loss_cutoff)
     for a in range(len(labels)):
@@ -205,7 +206,8 @@ def test_dws_log_weights_match_numpy(nonzero_loss_cutoff, dim):
 def _draws(emb, labels, num_draws, **kw):
     """negative_index of `num_draws` seeded samplings: int [num_draws, B, B] (and valid [B, B])."""
     dist, dim = _dist_l2(emb), emb.shape[1]
-    sample = tf.function(lambda s: pl.distance_weighted_sampling(dist, labels, dim, seed=s, **kw))
+    sample = tf.function(
+        lambda s: mining.distance_weighted_sampling(dist, labels, dim, seed=s, **kw))
     out = [sample(tf.constant([s, 17], tf.int64)) for s in range(num_draws)]
     return np.stack([o.negative_index.numpy() for o in out]), out[0].valid.numpy(), out[0].found
 
@@ -259,7 +261,7 @@ def test_dws_falls_back_to_uniform_when_all_negatives_are_beyond_cutoff():
 def test_dws_loss_matches_brute_force_on_the_sampled_negatives(loss, seed):
     emb, labels = random_batch(seed, clustered=seed != 1)
     got = pl.distance_weighted_loss(labels, emb, loss=loss, seed=seed)
-    sampled = pl.distance_weighted_sampling(_dist_l2(emb), labels, emb.shape[1], seed=seed)
+    sampled = mining.distance_weighted_sampling(_dist_l2(emb), labels, emb.shape[1], seed=seed)
     expected = np_dws_loss(emb, labels, sampled.negative_index.numpy(), loss)
     assert got.dtype == tf.float32 and got.shape == ()
     np.testing.assert_allclose(float(got), expected, rtol=2e-5, atol=1e-6)
@@ -269,15 +271,15 @@ def test_dws_loss_matches_brute_force_on_the_sampled_negatives(loss, seed):
 def test_dws_seeds_are_reproducible_and_vary():
     emb, labels = random_batch(10)
     dist = _dist_l2(emb)
-    a = pl.distance_weighted_sampling(dist, labels, 8, seed=4).negative_index.numpy()
-    b = pl.distance_weighted_sampling(dist, labels, 8, seed=4).negative_index.numpy()
-    c = pl.distance_weighted_sampling(dist, labels, 8, seed=[4, 0]).negative_index.numpy()
-    d = pl.distance_weighted_sampling(dist, labels, 8, seed=5).negative_index.numpy()
-    valid = pl.distance_weighted_sampling(dist, labels, 8, seed=5).valid.numpy()
+    a = mining.distance_weighted_sampling(dist, labels, 8, seed=4).negative_index.numpy()
+    b = mining.distance_weighted_sampling(dist, labels, 8, seed=4).negative_index.numpy()
+    c = mining.distance_weighted_sampling(dist, labels, 8, seed=[4, 0]).negative_index.numpy()
+    d = mining.distance_weighted_sampling(dist, labels, 8, seed=5).negative_index.numpy()
+    valid = mining.distance_weighted_sampling(dist, labels, 8, seed=5).valid.numpy()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)  # int seed s is the stateless seed [s, 0]
     assert np.any(a[valid] != d[valid])
-    unseeded = pl.distance_weighted_sampling(dist, labels, 8).negative_index.numpy()
+    unseeded = mining.distance_weighted_sampling(dist, labels, 8).negative_index.numpy()
     assert np.all(labels[unseeded[valid]] != labels[np.nonzero(valid)[0]])
 
 

@@ -1,4 +1,5 @@
-"""data.pipeline + data.augment: balanced P x K batches, decoding, validation, evaluation order."""
+"""data.pipeline, data.sampler, data.decode, data.file_check + data.augment: balanced P x K batches,
+decoding, validation, evaluation order."""
 import os
 
 import cv2
@@ -8,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data import augment as aug
-from data import pipeline
+from data import decode, file_check, pipeline
 from data.dataset import EmptyDatasetError, IdentityDataset, scan_identity_folder
 from data.image_io import read_image
 from data.preprocess import preprocess_numpy
@@ -223,18 +224,18 @@ def messy(tmp_path):
 
 def test_decode_formats_match_image_io(messy):
     root, rgb, grey = messy
-    graph_load = tf.function(pipeline.load_image)
+    graph_load = tf.function(decode.load_image)
     for name in ("grey.png", "rgba.png", "grey.pgm", "colour.ppm"):
         path = str(root / "formats" / name)
         expected = read_image(path)  # the project's policy: grey x3, alpha on white
-        for load in (pipeline.load_image, graph_load):
+        for load in (decode.load_image, graph_load):
             got = load(tf.constant(path)).numpy()
             assert got.dtype == np.uint8 and got.shape == (20, 18, 3)
             np.testing.assert_array_equal(got, expected, err_msg=name)
-    np.testing.assert_array_equal(pipeline.load_image(str(root / "formats" / "grey.pgm"))[..., 1],
+    np.testing.assert_array_equal(decode.load_image(str(root / "formats" / "grey.pgm"))[..., 1],
                                   grey)
-    np.testing.assert_array_equal(pipeline.load_image(str(root / "good" / "b.png")), rgb)
-    jpg = pipeline.load_image(str(root / "good" / "a.jpg")).numpy()
+    np.testing.assert_array_equal(decode.load_image(str(root / "good" / "b.png")), rgb)
+    jpg = decode.load_image(str(root / "good" / "a.jpg")).numpy()
     pil = read_image(root / "good" / "a.jpg").astype(int)
     diff = np.abs(jpg.astype(int) - pil)  # TF and Pillow differ slightly in chroma upsampling
     assert diff.mean() < 2 and diff.max() <= 12
@@ -244,16 +245,16 @@ def test_decode_formats_match_image_io(messy):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.fromarray(upright).save(root / "formats" / "rotated.jpg", exif=exif.tobytes())
-    got = pipeline.load_image(str(root / "formats" / "rotated.jpg")).numpy()
+    got = decode.load_image(str(root / "formats" / "rotated.jpg")).numpy()
     assert got.shape == (30, 20, 3)
     np.testing.assert_array_equal(got, read_image(root / "formats" / "rotated.jpg"))
     # CMYK JPEG: TensorFlow's conversion agrees with image_io's.
     Image.fromarray(rgb).convert("CMYK").save(root / "formats" / "cmyk.jpg", quality=95)
-    cmyk = pipeline.load_image(str(root / "formats" / "cmyk.jpg")).numpy().astype(int)
+    cmyk = decode.load_image(str(root / "formats" / "cmyk.jpg")).numpy().astype(int)
     assert np.abs(cmyk - read_image(root / "formats" / "cmyk.jpg")).mean() < 2
     # Bytes path (as used for TFRecords) agrees too.
     data = tf.io.read_file(str(root / "formats" / "grey.pgm"))
-    np.testing.assert_array_equal(pipeline.decode_image(data), read_image(root / "formats" / "grey.pgm"))
+    np.testing.assert_array_equal(decode.decode_image(data), read_image(root / "formats" / "grey.pgm"))
 
 
 @pytest.mark.slow
@@ -261,7 +262,7 @@ def test_validate_files_skips_and_counts(messy, caplog):
     root, _, _ = messy
     ds = scan_identity_folder(root)
     assert ds.class_names == ("formats", "good", "onlybad") and len(ds) == 10
-    clean, skipped = pipeline.validate_files(ds)
+    clean, skipped = file_check.validate_files(ds)
     reasons = {os.path.basename(p): r for p, r in skipped}
     assert reasons == {"empty.jpg": "empty", "text.jpg": "not_an_image", "zero.png": "empty",
                        "cut.jpg": "truncated"}
@@ -277,7 +278,7 @@ def test_validate_files_skips_and_counts(messy, caplog):
     with pytest.raises(tf.errors.OpError, match="text.jpg"):
         pipeline.iterate_batches(pipeline.balanced_dataset(only_text, 2, 1, SIZE, seed=0), 1)
     with pytest.raises(EmptyDatasetError, match="none of the 2 images"):
-        pipeline.validate_files(only_text)
+        file_check.validate_files(only_text)
 
 
 def test_validate_files_cache_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
@@ -289,21 +290,21 @@ def test_validate_files_cache_decodes_only_new_or_changed_files(tmp_path, monkey
             Image.fromarray(np.full([8, 8, 3], 40 * k, np.uint8)).save(root / ident / f"{k}.png")
     ds = scan_identity_folder(root)
     cache = str(tmp_path / "cache" / "validated.json")
-    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    clean, skipped = file_check.validate_files(ds, cache_path=cache)
     assert len(clean) == 6 and not skipped and os.path.exists(cache)
 
     decoded = []
-    real_load = pipeline.load_image
+    real_load = decode.load_image
 
     def counting_load(path):
         decoded.append(1)
         return real_load(path)
 
-    monkeypatch.setattr(pipeline, "load_image", counting_load)
-    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    monkeypatch.setattr(decode, "load_image", counting_load)
+    clean, skipped = file_check.validate_files(ds, cache_path=cache)
     assert len(clean) == 6 and not skipped and decoded == []
     (root / "b" / "1.png").write_bytes(b"now a text file")  # size and mtime change
-    clean, skipped = pipeline.validate_files(ds, cache_path=cache)
+    clean, skipped = file_check.validate_files(ds, cache_path=cache)
     assert decoded == [1]  # traced once for the one file left to check
     assert [os.path.basename(p) for p, _ in skipped] == ["1.png"] and len(clean) == 5
 

@@ -1,4 +1,5 @@
-"""Tests of the procedural synthetic-face dataset (data/synthetic*.py). Budget: < 60 s."""
+"""Tests of the procedural synthetic-face dataset (data/synthetic/) and its raw-pixel baseline
+(evaluation/pixel_baseline.py). Budget: < 60 s."""
 import hashlib
 import json
 import os
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 
 from data import synthetic
+from data.pairs import read_pairs
 from data.synthetic import (default_heldout_identities, ensure_synthetic_dataset, generate_dataset,
-                            identity_name, make_pairs, read_pairs_view2)
-from data.synthetic_params import CATEGORICAL, sample_identities, sample_identity
-from data.synthetic_render import render_face, render_jpeg, rotation_matrix
+                            identity_name, view2_folds)
+from data.synthetic.params import CATEGORICAL, sample_identities, sample_identity
+from data.synthetic.render import render_face, render_jpeg, rotation_matrix
+from evaluation.pixel_baseline import PIXEL_VARIANTS, _pixel_features, pixel_baseline
 
 SMALL = dict(identities=6, images_per_identity=4, image_size=32, seed=5, heldout_identities=3)
 
@@ -34,8 +37,8 @@ def _images(digest):
 def small_pair(tmp_path_factory):
     """The SMALL dataset generated with 1 and with 2 worker processes."""
     base = tmp_path_factory.mktemp("small")
-    one = generate_dataset(str(base / "w1"), workers=1, progress=False, **SMALL)
-    two = generate_dataset(str(base / "w2"), workers=2, progress=False, **SMALL)
+    one = generate_dataset(str(base / "w1"), workers=1, progress=False, baseline=pixel_baseline, **SMALL)
+    two = generate_dataset(str(base / "w2"), workers=2, progress=False, baseline=pixel_baseline, **SMALL)
     return one, two
 
 
@@ -130,17 +133,18 @@ def test_pairs_file_parses_back_in_view2_format(small_pair):
             assert r[0] in test_names and r[1] != r[2]
         for r in block[n:]:
             assert r[0] in test_names and r[2] in test_names and r[0] != r[2]
-    pairs, same, fold = read_pairs_view2(out["pairs_file"])
+    ps = read_pairs(out["pairs_file"], out["test_dir"], ext="jpg")
+    same, fold = ps.issame, ps.folds
     assert same.sum() == (~same).sum() == folds * n and fold.max() == 9
+    pairs = list(zip(ps.paths_a, ps.paths_b))
     assert len(set(pairs)) == len(pairs)  # no pair repeats
-    for a, i, b, j in pairs:
-        assert os.path.isfile(os.path.join(out["test_dir"], a, f"{a}_{i:04d}.jpg"))
-        assert os.path.isfile(os.path.join(out["test_dir"], b, f"{b}_{j:04d}.jpg"))
+    for a, b in pairs:
+        assert os.path.isfile(a) and os.path.isfile(b)
 
 
-def test_make_pairs_identity_disjoint_folds_and_limits():
+def test_view2_folds_identity_disjoint_folds_and_limits():
     names = [identity_name(i) for i in range(40)]
-    folds = make_pairs(names, 5, seed=1)
+    folds = view2_folds(names, 5, seed=1)
     assert len(folds) == 10
     n = len(folds[0][0])
     assert n == min(300, 4 * 10)  # 4 identities per fold, 10 matched pairs each
@@ -153,13 +157,13 @@ def test_make_pairs_identity_disjoint_folds_and_limits():
         for b in range(a):
             assert not per_fold[a] & per_fold[b]
     with pytest.raises(ValueError):
-        make_pairs(names[:1], 5, seed=1)
+        view2_folds(names[:1], 5, seed=1)
     # fewer than 20 identities: folds share identities, pairs never repeat
-    small = make_pairs(names[:5], 4, seed=2)  # 30 matched pairs exist -> 3 per fold
+    small = view2_folds(names[:5], 4, seed=2)  # 30 matched pairs exist -> 3 per fold
     flat = [m for f in small for m in f[0]] + [m for f in small for m in f[1]]
     assert len(small[0][0]) == 3 and len(set(flat)) == len(flat)
     # so small that 10 folds cannot be disjoint: unique within each fold, recur across folds
-    tiny = make_pairs(names[:2], 2, seed=3)  # one matched pair per identity, two in all
+    tiny = view2_folds(names[:2], 2, seed=3)  # one matched pair per identity, two in all
     assert all(len(m) == len(d) == 2 for m, d in tiny)
     assert all(len(set(m)) == len(m) for m, _ in tiny)
 
@@ -191,13 +195,12 @@ def test_ensure_synthetic_dataset_regenerates_a_partial_entry(tmp_path):
     assert [p for p in os.listdir(cache) if ".tmp-" in p] == []
 
 
-def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "pixel_baseline", boom)
     with pytest.raises(KeyboardInterrupt):
-        generate_dataset(str(tmp_path / "ds"), workers=1, progress=False, **SMALL)
+        generate_dataset(str(tmp_path / "ds"), workers=1, progress=False, baseline=boom, **SMALL)
     assert os.listdir(tmp_path) == []  # neither the target nor the temp dir remains
 
 
@@ -216,13 +219,27 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
 
 
 def test_cli_prints_json_summary(tmp_path, capsys):
-    rc = synthetic.main(["--output_dir", str(tmp_path / "cli"), "--identities", "5", "--images_per_identity",
-                         "2", "--image_size", "24", "--seed", "3", "--heldout_identities", "2",
-                         "--workers", "1"])
+    rc = synthetic.main(["--output_dir", str(tmp_path / "cli"), "--synthetic_identities", "5",
+                         "--synthetic_images_per_identity", "2", "--image_size", "24", "--seed", "3",
+                         "--heldout_identities", "2", "--workers", "1"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["counts"]["test_identities"] == 2 and "pixel_baseline_accuracy" in summary
     assert os.path.isfile(summary["pairs_file"])
+    assert "deprecated" not in out.err
+
+
+def test_cli_old_count_flags_still_work_with_a_warning(tmp_path, capsys):
+    """--identities / --images_per_identity are the deprecated names (one release)."""
+    rc = synthetic.main(["--output_dir", str(tmp_path / "cli"), "--identities", "4",
+                         "--images_per_identity=3", "--image_size", "24", "--seed", "3",
+                         "--heldout_identities", "2", "--workers", "1"])
+    assert rc == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["counts"]["train_identities"] == 2 and summary["counts"]["test_identities"] == 2
+    assert "--identities is deprecated" in out.err and "use --synthetic_images_per_identity" in out.err
 
 
 # --- hard for pixels ----------------------------------------------------------------------------------
@@ -230,17 +247,16 @@ def test_cli_prints_json_summary(tmp_path, capsys):
 def test_raw_pixel_baseline_is_at_most_70_percent(tmp_path):
     """30 held-out identities x 10 images, 64 px: threshold verification on raw pixels <= 70%."""
     out = generate_dataset(str(tmp_path / "px"), 32, 10, 64, seed=21, heldout_identities=30,
-                           workers=2, progress=False)
+                           workers=2, progress=False, baseline=pixel_baseline)
     base = out["pixel_baseline"]
-    assert set(base) == set(synthetic.PIXEL_VARIANTS)
+    assert set(base) == set(PIXEL_VARIANTS)
     assert out["counts"]["pairs_per_fold"] == 135  # 3 identities x 45 matched pairs per fold
     for variant, acc in base.items():
         assert 0.4 <= acc <= 0.70, (variant, acc)
     # brute-force check of one variant's distance against an explicit loop
-    pairs, same, _ = read_pairs_view2(out["pairs_file"])
-    a, i, b, j = pairs[0]
-    fa = synthetic._pixel_features(os.path.join(out["test_dir"], a, f"{a}_{i:04d}.jpg"), "grey_32")
-    fb = synthetic._pixel_features(os.path.join(out["test_dir"], b, f"{b}_{j:04d}.jpg"), "grey_32")
+    first = read_pairs(out["pairs_file"], out["test_dir"], ext="jpg").pairs[0]
+    fa = _pixel_features(first.path_a, "grey_32")
+    fb = _pixel_features(first.path_b, "grey_32")
     assert fa.shape == (32 * 32,)
     d = 0.0
     for k in range(fa.size):
@@ -249,11 +265,12 @@ def test_raw_pixel_baseline_is_at_most_70_percent(tmp_path):
 
 
 def test_pairs_file_is_read_by_the_project_reader(small_pair):
-    from data.pairs import read_pairs
-
     out, _ = small_pair
     ps = read_pairs(out["pairs_file"], out["test_dir"])
-    pairs, same, fold = read_pairs_view2(out["pairs_file"])
+    rows = open(out["pairs_file"]).read().split("\n")[1:-1]  # the file's own structure
+    n = int(open(out["pairs_file"]).readline().split("\t")[1])
+    same = np.array([len(r.split("\t")) == 3 for r in rows])
+    fold = np.arange(len(rows)) // (2 * n)
     assert ps.num_folds == 10 and ps.missing == []
     np.testing.assert_array_equal(ps.issame, same)
     np.testing.assert_array_equal(ps.folds, fold)

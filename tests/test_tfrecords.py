@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import pipeline
+from data import decode, file_check, pipeline
 from data.dataset import EmptyDatasetError, scan_identity_folder
 from data.tfrecords import load_tfrecords, native_format, write_tfrecords
 
@@ -70,15 +70,15 @@ def test_write_summary_and_metadata(written):
 def test_read_back_equals_source_images(written):
     ds, out, _ = written
     table = load_tfrecords(str(out / "*.tfrecord"))
-    clean, skipped = pipeline.validate_files(ds)
+    clean, skipped = file_check.validate_files(ds)
     assert len(skipped) == 1
     assert table.class_names == ds.class_names
     np.testing.assert_array_equal(table.labels, clean.labels)
     assert [os.path.join(str(ds.paths[0]).rsplit(os.sep, 2)[0], f) for f in table.filenames] == \
         list(clean.paths)
     for enc, path in zip(table.encoded, clean.paths):
-        np.testing.assert_array_equal(pipeline.decode_image(enc).numpy(),
-                                      pipeline.load_image(path).numpy(), err_msg=path)
+        np.testing.assert_array_equal(decode.decode_image(enc).numpy(),
+                                      decode.load_image(path).numpy(), err_msg=path)
     # other ways to name the same shards
     for source in (str(out), sorted(str(p) for p in out.glob("*.tfrecord"))):
         again = load_tfrecords(source)
@@ -88,7 +88,7 @@ def test_read_back_equals_source_images(written):
 @pytest.mark.slow
 def test_balanced_from_tfrecords_equals_folder(written):
     ds, out, _ = written
-    clean, _ = pipeline.validate_files(ds)
+    clean, _ = file_check.validate_files(ds)
     kwargs = dict(identities_per_batch=3, images_per_identity=4, image_size=(16, 12), seed=9,
                   photometric=True)
     from_records = pipeline.iterate_batches(
@@ -164,10 +164,10 @@ def test_routing_agrees_between_writer_and_pipeline():
         b"B": None,
         b"hello world": None,
     }
-    graph = tf.function(pipeline._tf_decodable)
+    graph = tf.function(decode._tf_decodable)
     for data, expected in cases.items():
         assert native_format(data) == expected, data[:12]
-        for fn in (pipeline._tf_decodable, graph):
+        for fn in (decode._tf_decodable, graph):
             assert bool(fn(tf.constant(data))) == (expected is not None), data[:12]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from data.align import SETTINGS_NAME
 
-from conftest import REPO, subprocess_env as _env
+from tests.helpers import REPO, subprocess_env as _env
 pytestmark = pytest.mark.slow
 
 
@@ -87,7 +87,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(trained, faces):
 
     from data.dataset import scan_identity_folder
     from data.pipeline import eval_dataset
-    from export import restore_backbone
+    from training.export import restore_backbone
     from losses import triplet_loss
     from training.run_config import load_run_config
 
@@ -152,7 +152,7 @@ def test_resume_keeps_step_and_is_exact(tmp_path, faces):
 def test_export_round_trip_without_project_imports(trained, tmp_path):
     import cv2
 
-    from export import read_export_metadata, restore_backbone
+    from training.export import read_export_metadata, restore_backbone
     from data.preprocess import preprocess
 
     export_dir = os.path.join(trained, "export")
@@ -206,7 +206,7 @@ def test_export_cli_from_checkpoint(trained, tmp_path):
     assert info["export_dir"] == os.path.abspath(out_dir)
     assert info["threshold"] == pytest.approx(_metrics(trained)["threshold"])
     assert os.path.exists(os.path.join(out_dir, "saved_model.pb"))
-    from export import read_export_metadata
+    from training.export import read_export_metadata
 
     assert read_export_metadata(out_dir)["crop"] == ALIGN_CROP
 

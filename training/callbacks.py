@@ -5,11 +5,12 @@ import time
 import keras
 import tensorflow as tf
 
+from losses.triplet import STAT_KEYS
 from training.optim import current_learning_rate
 
-# Scalars the triplet-loss layer reports, logged as they arrive in Keras' logs.
-STEP_SCALARS = ("loss", "active_fraction", "mean_d_ap", "mean_d_an", "num_pairs",
-                "num_no_semi_hard", "classifier_accuracy", "center_loss")
+# Scalars logged as they arrive in Keras' logs: the loss, the triplet-loss layer's mining
+# statistics, and the classification head's accuracy and center loss.
+STEP_SCALARS = ("loss", *STAT_KEYS, "classifier_accuracy", "center_loss")
 
 
 class StepLogger(keras.callbacks.Callback):

@@ -22,11 +22,9 @@ Both terms live in one model with one optimiser, weighted by non-trainable 0/1 s
 import keras
 import tensorflow as tf
 
+from choices import LOSSES, METRIC_LOSSES  # defined once (TF-free; flags.py offers them)
 from losses import TripletLoss, TripletLossLayer
 from losses import margin_heads, pair_losses
-
-METRIC_LOSSES = ("contrastive", "lifted", "trihard", "distance_weighted")
-LOSSES = ("triplet",) + METRIC_LOSSES + margin_heads.HEADS
 
 
 def metric_loss(name, margin=None, seed=None):

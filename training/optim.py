@@ -7,8 +7,8 @@ first, badly scaled updates from scrambling a freshly initialised network.
 """
 import keras
 
-OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "step")
+# the names, defined once (TF-free; flags.py offers them)
+from choices import LR_SCHEDULES as SCHEDULES, OPTIMIZERS
 
 
 @keras.saving.register_keras_serializable(package="facenet")

@@ -16,18 +16,18 @@ faces"); ``bench/real_faces.py`` reproduces the curves.
   variants of the loss, head, augmentation, learning rate and network did not beat it in short
   exploratory runs (issue #13).
 """
-RECIPE_CHOICES = ("auto", "real", "paper", "synthetic")
+from choices import RECIPES as RECIPE_CHOICES  # defined once (TF-free); flags.py offers them
 
 RECIPES = {
     "synthetic": {},
     "paper": {
-        "model": "nn4", "loss": "triplet", "mining": "semi_hard", "margin": 0.2,
+        "model": "nn4", "loss": "triplet", "mining": "semi_hard", "triplet_margin": 0.2,
         "distance": "squared_l2", "optimizer": "adagrad", "learning_rate": 0.05,
         "lr_schedule": "constant", "warmup_steps": 0,
         "identities_per_batch": 45, "images_per_identity": 40,
     },
     "real": {
-        "model": "tiny", "loss": "triplet", "mining": "all", "margin": 0.2,
+        "model": "tiny", "loss": "triplet", "mining": "all", "triplet_margin": 0.2,
         "distance": "squared_l2", "optimizer": "adam", "learning_rate": 1e-3,
         "lr_schedule": "constant", "warmup_steps": 100,
         "identities_per_batch": 16, "images_per_identity": 8,

@@ -5,7 +5,7 @@ arrays into that list, with a fold per pair. It comes from an LFW pairs file (th
 or from a folder-per-identity hold-out set.
 
 Images that do not decode (a text file named x.jpg, a truncated JPEG, ...) are found once, when the
-set is built, with the training data's check (``data.pipeline.validate_files``): they are left out
+set is built, with the training data's check (``data.file_check.validate_files``): they are left out
 and counted (``skipped_images``), and the pairs that use one are dropped and counted
 (``num_failed_pairs``, like pairs with a missing image), with one warning line naming the first.
 An image damaged later, during training, is found the same way when embedding it fails.
@@ -67,10 +67,10 @@ class ValidationSet:
 
 def find_unreadable(paths, names, cache_path=None, source=""):
     """(path, reason) of every image in ``paths`` that does not decode as training would decode it
-    (``data.pipeline.validate_files``; ``cache_path``: its verdict cache). Raises
+    (``data.file_check.validate_files``; ``cache_path``: its verdict cache). Raises
     EmptyDatasetError when none decodes."""
     from data.dataset import EmptyDatasetError, IdentityDataset
-    from data.pipeline import validate_files
+    from data.file_check import validate_files
 
     if not paths:
         return []
@@ -138,7 +138,7 @@ def from_identity_dataset(dataset, num_pairs=6000, num_folds=10, seed=0, check_i
 
     skipped = []
     if check_images and len(dataset):
-        from data.pipeline import validate_files
+        from data.file_check import validate_files
 
         try:
             clean, skipped = validate_files(dataset, cache_path=cache_path)
@@ -190,6 +190,8 @@ def score(embeddings, vset, far_targets=(1e-3,)):
     """Verification metrics for embeddings [M, D] of vset.paths (squared L2, Section 4)."""
     from evaluation.verification import evaluate_verification
 
+    # In the embeddings' float32, as train.py always has: evaluation.report.pair_distances works in
+    # float64, which would move recorded thresholds in their 7th digit.
     diff = embeddings[vset.idx_a] - embeddings[vset.idx_b]
     dist = np.sum(diff * diff, axis=1)
     return evaluate_verification(dist, vset.issame, folds=vset.folds, far_targets=far_targets)

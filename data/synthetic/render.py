@@ -19,7 +19,7 @@ import math
 import cv2
 import numpy as np
 
-from data.synthetic_params import jitter_identity
+from data.synthetic.params import jitter_identity
 
 _SHIFT = 4  # sub-pixel bits for cv2 drawing
 _ONE = 1 << _SHIFT
@@ -516,7 +516,7 @@ def render_face(identity_params, rng, image_size, difficulty=1.0):
     """Render one face of this identity with fresh nuisances from ``rng`` (numpy Generator).
 
     Args:
-      identity_params: dict from :func:`data.synthetic_params.sample_identity`.
+      identity_params: dict from :func:`data.synthetic.params.sample_identity`.
       image_size: output side S in pixels (square).
       difficulty: nuisance strength; 0 = frontal, neutral, clean; 1 = default.
 

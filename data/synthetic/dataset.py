@@ -1,12 +1,9 @@
-"""The built-in dataset: procedural synthetic faces, written as an LFW-style image tree.
+"""Writing the synthetic dataset: an LFW-style image tree with its View 2 pairs, generated atomically.
 
-Lets ``python train.py`` run with no data download: a few thousand faces of a few hundred identities
-render at roughly 200 images per second per core. Identity lives in stable mid/large-scale cues (face shape,
-skin tone, hair style and colour, eyes, brows, nose, mouth, facial hair, glasses; see
-:mod:`data.synthetic_params`), while nuisances break pixel alignment (3-D pose, expression, lighting,
-background clutter, crop jitter, occlusion, blur, noise, JPEG; see :mod:`data.synthetic_render`).
-Identities are therefore easy for a small CNN and hard for raw pixels: the raw-pixel baseline is
-measured on the held-out pairs and stored with the data (``pixel_baseline_accuracy``).
+Identities come from :mod:`data.synthetic.params`, images from :mod:`data.synthetic.render`; this
+module renders them in worker processes, picks the held-out verification pairs
+(:func:`view2_folds`), writes them with :func:`data.pairs.write_pairs` and records everything in
+``synthetic.json``.
 
 Layout of ``DIR`` (identity-disjoint splits; image numbers start at 0001 as in LFW)::
 
@@ -22,13 +19,10 @@ Determinism: identity i is drawn from ``default_rng([seed, 0, i, attempt])`` and
 ``default_rng([seed, 1, i, j])``, so the same seed gives byte-identical files whatever the number of
 worker processes.
 
-Knob: ``difficulty`` (default 1.0) scales every nuisance (pose range, lighting, clutter, occlusion
-probability, blur, noise, JPEG quality, expression); 0 gives frontal, clean, neutral faces.
-
-CLI::
-
-    python -m data.synthetic --output_dir DIR --identities N --images_per_identity K \
-        --image_size S --seed X [--heldout_identities M] [--workers W] [--difficulty D]
+Baseline: a measure passed as ``baseline`` (:func:`evaluation.pixel_baseline.pixel_baseline`, the
+raw-pixel baseline, is the one the project uses) is run on the held-out pairs and stored with the
+data (``pixel_baseline``, ``pixel_baseline_accuracy``). The data layer does not score
+verification itself.
 """
 import json
 import multiprocessing
@@ -77,7 +71,7 @@ def _init_worker():
 
 def _render_identity(task):
     """Render and write all images of one identity. Returns (images written, bytes written)."""
-    from data.synthetic_render import render_jpeg
+    from data.synthetic.render import render_jpeg
 
     index, folder, params, count, size, seed, difficulty = task
     name = identity_name(index)
@@ -141,13 +135,17 @@ def _render_all(tasks, workers, progress):
 
 
 # --- pairs ------------------------------------------------------------------------------------------
-def make_pairs(names, images_per_identity, seed, num_folds=NUM_FOLDS, max_per_fold=MAX_PAIRS_PER_FOLD):
-    """Balanced verification pairs over ``names`` (each with images 1..K), in ``num_folds`` folds.
+def view2_folds(names, images_per_identity, seed, num_folds=NUM_FOLDS, max_per_fold=MAX_PAIRS_PER_FOLD):
+    """LFW View 2 folds of balanced verification pairs over ``names`` (each with images 1..K).
 
     With >= 2 * num_folds identities the folds are identity-disjoint (as LFW View 2); with fewer,
     every fold draws from all identities and no pair repeats (in a set too small even for that,
     pairs are unique within a fold only). Every fold has the same number n of matched and of
     mismatched pairs: min(max_per_fold, what the smallest fold can supply).
+
+    Not :func:`evaluation.holdout_pairs.make_pairs`, which draws pairs of image indices from labels:
+    this one needs only identity names and a fixed K, and returns the folds that
+    :func:`data.pairs.write_pairs` writes.
 
     Returns a list of ``(matched: [(name, n1, n2)], mismatched: [(name1, n1, name2, n2)])``.
     """
@@ -188,103 +186,6 @@ def make_pairs(names, images_per_identity, seed, num_folds=NUM_FOLDS, max_per_fo
     return folds
 
 
-def _write_pairs_view2(path, folds):
-    """LFW View 2 pairs.txt: header ``folds<TAB>n``, then per fold n matched then n mismatched lines."""
-    n = len(folds[0][0])
-    lines = [f"{len(folds)}\t{n}"]
-    for matched, mismatched in folds:
-        if len(matched) != n or len(mismatched) != n:
-            raise ValueError("every fold needs n matched and n mismatched pairs")
-        lines += [f"{a}\t{i}\t{j}" for a, i, j in matched]
-        lines += [f"{a}\t{i}\t{b}\t{j}" for a, i, b, j in mismatched]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def write_pairs(path, folds):
-    """Write ``folds`` as LFW View 2 (uses :func:`data.pairs.write_pairs` when it exists)."""
-    try:
-        from data.pairs import write_pairs as shared_write_pairs
-    except ImportError:
-        shared_write_pairs = None
-    if shared_write_pairs is not None:
-        shared_write_pairs(path, folds)
-    else:
-        _write_pairs_view2(path, folds)
-
-
-def read_pairs_view2(path):
-    """Parse a View 2 pairs file -> (list of (name1, n1, name2, n2), issame bool [N], fold int [N])."""
-    with open(path) as f:
-        rows = [line.split() for line in f if line.strip()]
-    num_folds, n = int(rows[0][0]), int(rows[0][1])
-    body = rows[1:]
-    if len(body) != num_folds * 2 * n:
-        raise ValueError(f"{path}: expected {num_folds * 2 * n} pair lines, found {len(body)}")
-    pairs, same, fold = [], [], []
-    for idx, r in enumerate(body):
-        if len(r) == 3:
-            pairs.append((r[0], int(r[1]), r[0], int(r[2])))
-            same.append(True)
-        elif len(r) == 4:
-            pairs.append((r[0], int(r[1]), r[2], int(r[3])))
-            same.append(False)
-        else:
-            raise ValueError(f"{path}: bad pair line {idx + 2}: {r}")
-        fold.append(idx // (2 * n))
-    return pairs, np.asarray(same), np.asarray(fold)
-
-
-# --- pixel baseline ---------------------------------------------------------------------------------
-PIXEL_VARIANTS = ("grey_full", "grey_32", "grey_32_standardized", "rgb_16", "rgb_8_standardized")
-
-
-def _pixel_features(path, variant):
-    import cv2
-
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot read {path}")
-    if variant.startswith("grey"):
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    side = {"grey_full": None, "grey_32": 32, "grey_32_standardized": 32, "rgb_16": 16,
-            "rgb_8_standardized": 8}[variant]
-    if side is not None:
-        img = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
-    x = img.astype(np.float64).ravel()
-    if variant.endswith("standardized"):
-        x = (x - x.mean()) / (x.std() + 1e-6)
-    return x
-
-
-def pixel_baseline(test_dir, pairs_file, variants=PIXEL_VARIANTS):
-    """10-fold threshold verification accuracy of raw-pixel L2 distance on ``pairs_file``.
-
-    Returns {variant: mean accuracy} for each variant (grey or RGB, full or downsampled, raw or
-    per-image standardised).
-    """
-    from evaluation.verification import kfold_accuracy
-
-    pairs, issame, folds = read_pairs_view2(pairs_file)
-
-    def path(name, n):
-        return os.path.join(test_dir, name, f"{name}_{n:04d}.jpg")
-
-    result = {}
-    for v in variants:
-        cache = {}
-
-        def feat(name, n):
-            key = (name, n)
-            if key not in cache:
-                cache[key] = _pixel_features(path(name, n), v)
-            return cache[key]
-
-        d = np.array([np.sum((feat(a, i) - feat(b, j)) ** 2) for a, i, b, j in pairs])
-        result[v] = round(kfold_accuracy(d, issame, folds)[0], 4)
-    return result
-
-
 # --- dataset ----------------------------------------------------------------------------------------
 def _params(identities, images_per_identity, image_size, seed, heldout, difficulty):
     return {"format_version": FORMAT_VERSION, "identities": int(identities),
@@ -314,7 +215,7 @@ def _result(root, meta, cached):
 
 def generate_dataset(output_dir, identities, images_per_identity, image_size, seed,
                      heldout_identities=None, workers=None, difficulty=1.0, progress=True,
-                     compute_baseline=True):
+                     compute_baseline=True, baseline=None):
     """Render the dataset into ``output_dir`` atomically, or reuse it if already complete.
 
     Args:
@@ -325,12 +226,18 @@ def generate_dataset(output_dir, identities, images_per_identity, image_size, se
       seed: master seed (same seed => byte-identical files).
       heldout_identities: M; default :func:`default_heldout_identities`.
       workers: processes; default os.cpu_count(). The output does not depend on it.
-      difficulty: nuisance strength (1.0 default; see module docstring).
-      compute_baseline: measure the raw-pixel baseline on the test pairs (a few seconds).
+      difficulty: nuisance strength (1.0 default; 0 gives frontal, clean, neutral faces; see
+        :mod:`data.synthetic.render`).
+      compute_baseline: False skips ``baseline`` (kept for callers that switch it off).
+      baseline: ``baseline(test_dir, pairs_file) -> {variant: accuracy}`` run on the test pairs
+        before the dataset is published, e.g. :func:`evaluation.pixel_baseline.pixel_baseline`
+        (a few seconds); None stores no baseline.
 
     Returns a dict: root, train_dir, test_dir, pairs_file, cached (bool) and the metadata
     (params, counts, pixel_baseline_accuracy, pixel_baseline, ...).
     """
+    from data.pairs import write_pairs
+
     m = default_heldout_identities(identities) if heldout_identities is None else int(heldout_identities)
     _check_args(int(identities), int(images_per_identity), int(image_size), m)
     params = _params(identities, images_per_identity, image_size, seed, m, difficulty)
@@ -348,7 +255,7 @@ def generate_dataset(output_dir, identities, images_per_identity, image_size, se
     tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     start = time.time()
     try:
-        from data.synthetic_params import sample_identities
+        from data.synthetic.params import sample_identities
 
         ids = sample_identities(identities, seed)
         n_train = identities - m
@@ -363,10 +270,10 @@ def generate_dataset(output_dir, identities, images_per_identity, image_size, se
         nbytes = _render_all(tasks, min(workers, len(tasks)), progress)
         render_s = time.time() - start
         test_names = [identity_name(i) for i in range(n_train, identities)]
-        folds = make_pairs(test_names, images_per_identity, seed)
+        folds = view2_folds(test_names, images_per_identity, seed)
         pairs_file = os.path.join(tmp, "test", PAIRS_FILE)
         write_pairs(pairs_file, folds)
-        baseline = pixel_baseline(os.path.join(tmp, "test"), pairs_file) if compute_baseline else {}
+        scores = baseline(os.path.join(tmp, "test"), pairs_file) if compute_baseline and baseline is not None else {}
         meta = {
             "complete": True,
             "generator": "data.synthetic",
@@ -374,9 +281,9 @@ def generate_dataset(output_dir, identities, images_per_identity, image_size, se
             "counts": {"train_identities": n_train, "test_identities": m,
                        "train_images": n_train * images_per_identity, "test_images": m * images_per_identity,
                        "pairs_per_fold": len(folds[0][0]), "folds": len(folds), "bytes": nbytes},
-            "pixel_baseline": baseline,
-            "pixel_baseline_accuracy": max(baseline.values()) if baseline else None,
-            "pixel_baseline_best_variant": max(baseline, key=baseline.get) if baseline else None,
+            "pixel_baseline": scores,
+            "pixel_baseline_accuracy": max(scores.values()) if scores else None,
+            "pixel_baseline_best_variant": max(scores, key=scores.get) if scores else None,
             "render_seconds": round(render_s, 2),
             "images_per_second": round(identities * images_per_identity / max(render_s, 1e-9), 1),
             "workers": workers,
@@ -406,9 +313,11 @@ def dataset_key(identities, images_per_identity, image_size, seed, heldout_ident
 
 
 def ensure_synthetic_dataset(cache_dir, identities, images_per_identity, image_size, seed,
-                             heldout_identities=None, workers=None, difficulty=1.0, progress=True):
+                             heldout_identities=None, workers=None, difficulty=1.0, progress=True,
+                             baseline=None):
     """The dataset for these parameters under ``cache_dir/<key>``, generated on first use.
 
+    ``baseline``: as for :func:`generate_dataset` (measured only when the dataset is generated).
     Returns the dict of :func:`generate_dataset` (train_dir, test_dir, pairs_file, root, cached, ...).
     """
     root = os.path.join(cache_dir, dataset_key(identities, images_per_identity, image_size, seed,
@@ -419,32 +328,4 @@ def ensure_synthetic_dataset(cache_dir, identities, images_per_identity, image_s
         shutil.rmtree(root)
     return generate_dataset(root, identities, images_per_identity, image_size, seed,
                             heldout_identities=heldout_identities, workers=workers,
-                            difficulty=difficulty, progress=progress)
-
-
-def main(argv=None):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--identities", type=int, default=500)
-    ap.add_argument("--images_per_identity", type=int, default=20)
-    ap.add_argument("--image_size", type=int, default=96)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--heldout_identities", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--difficulty", type=float, default=1.0)
-    ap.add_argument("--no_baseline", action="store_true", help="skip the raw-pixel baseline")
-    args = ap.parse_args(argv)
-    out = generate_dataset(args.output_dir, args.identities, args.images_per_identity, args.image_size,
-                           args.seed, args.heldout_identities, args.workers, args.difficulty,
-                           compute_baseline=not args.no_baseline)
-    summary = {k: out[k] for k in ("root", "train_dir", "test_dir", "pairs_file", "cached", "counts",
-                                   "pixel_baseline_accuracy", "pixel_baseline_best_variant",
-                                   "pixel_baseline", "render_seconds", "images_per_second")}
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                            difficulty=difficulty, progress=progress, baseline=baseline)

@@ -1,0 +1,318 @@
+"""The training run: the model_dir, the trainer, the epoch loop and its validation hooks.
+
+:func:`open_model_dir` claims ``--model_dir`` (lock, resume checks) and :func:`run` trains: one
+Keras ``fit`` per epoch of ``--steps_per_epoch`` steps over P x K batches (triplets are mined inside
+each, FaceNet Section 3.2), then a checkpoint, a timing record and a validation (squared L2
+verification, Section 4); at the end the embedding projector, the export (training/export.py) and
+``metrics.json`` (the last validation with its threshold, every epoch's record under ``history``).
+A non-finite loss stops the run with exit code NAN_LOSS, naming the step and the last good
+checkpoint. Everything comes from a training.settings.TrainSettings, never from flags.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import logging
+
+import exit_codes
+from exit_codes import NO_CHECKPOINT, CliError
+
+EXIT_NAN = exit_codes.NAN_LOSS  # 3
+BUILTIN_MAX_MINUTES = 8.5  # wall clock from start-up, leaving time to validate, project and export
+
+
+def check_same_objective(model_dir, objective):
+    """A checkpoint holds one optimiser's slots and one loss's head: resuming with others cannot
+    be exact, so it is refused with the flags to use (``objective``: TrainSettings.objective())."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        stored = json.load(f)
+    for key, value in objective.items():
+        if key in stored and stored[key] != value:
+            sys.exit(f"train.py: {model_dir} was trained with --{key}={stored[key]}; resume with "
+                     f"the same flag, or start a new --model_dir (got --{key}={value})")
+
+
+def open_model_dir(settings):
+    """Create and lock ``settings.model_dir``; when it holds a checkpoint, check that the settings
+    describe the same network (CliError) and objective (see :func:`check_same_objective`).
+
+    --projector_only only reads checkpoints: no lock (training/lock.py), no objective check.
+    """
+    from cli_checks import require_writable_dir
+    from training.checkpoints import list_checkpoints
+    from training.run_config import check_compatible, checkpoint_dir, config_path, load_run_config
+
+    model_dir = settings.model_dir
+    require_writable_dir(model_dir, "--model_dir")
+    os.makedirs(model_dir, exist_ok=True)
+    if not settings.projector_only:
+        from training.lock import lock_model_dir
+
+        lock_model_dir(model_dir)  # released at exit; in use: LockedError, exit code LOCKED
+    if os.path.exists(config_path(model_dir)):
+        if list_checkpoints(checkpoint_dir(model_dir))[0]:  # a real resume
+            try:
+                check_compatible(load_run_config(model_dir), settings.run_config())
+            except ValueError as exc:  # another network, or a damaged config.json
+                raise CliError(" ".join(str(exc).split())) from exc
+            if not settings.projector_only:
+                check_same_objective(model_dir, settings.objective())
+        elif not settings.projector_only:
+            logging.info("ignoring %s: the run that wrote it saved no checkpoint",
+                         config_path(model_dir))
+    # config.json is (re)written by Trainer.save just before this run's first checkpoint.
+
+
+class Trainer:
+    """Owns the model, optimiser, checkpoints and logs of one run."""
+
+    def __init__(self, tf, settings, strategy, num_classes=None):
+        from training.objectives import build_train_model
+        from training.optim import make_optimizer
+        from training.run_config import checkpoint_dir
+
+        s = settings
+        self.tf = tf
+        self.settings = settings
+        self.config = settings.run_config()
+        self.strategy = strategy
+        self.total_steps = settings.total_steps
+        with strategy.scope():
+            self.backbone = self.config.build_model()
+            self.train_model, self.terms = build_train_model(
+                self.backbone, self.config.image_size, s.loss, num_classes, margin=s.triplet_margin,
+                distance=s.distance, mining=s.mining, loss_margin=s.loss_margin,
+                head_scale=s.head_scale, head_margin=s.head_margin,
+                center_weight=s.center_weight, pretrain_steps=s.pretrain_softmax_steps,
+                pretrain_head=s.pretrain_head, seed=s.seed)
+            optimizer = make_optimizer(s.optimizer, s.learning_rate, self.total_steps,
+                                       s.lr_schedule, s.momentum, s.weight_decay,
+                                       s.warmup_steps)
+            self.train_model.compile(optimizer=optimizer)
+            self.optimizer = self.train_model.optimizer
+            self.optimizer.build(self.train_model.trainable_variables)
+        # The classifier head (weights, centers) is part of the run's state, not of the export.
+        extra = {"classifier": self.terms["classifier"]} if "classifier" in self.terms else {}
+        self.checkpoint = tf.train.Checkpoint(model=self.backbone, optimizer=self.optimizer, **extra)
+        self.checkpoint_dir = checkpoint_dir(s.model_dir)
+        self._manager = None
+        self._config_saved = False
+
+    @property
+    def manager(self):
+        """The CheckpointManager, made on first use: after :meth:`restore` has repaired the
+        checkpoint state (damaged checkpoints moved aside) so that its rotation never sees them."""
+        if self._manager is None:
+            self._manager = self.tf.train.CheckpointManager(
+                self.checkpoint, self.checkpoint_dir, max_to_keep=self.settings.keep_checkpoints)
+        return self._manager
+
+    @property
+    def step(self):
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self, weights_only=False):
+        """Restore the newest intact checkpoint (damaged newer ones are skipped with a warning,
+        training/checkpoints.py); ``weights_only`` (--projector_only) skips the optimiser and leaves
+        the checkpoints folder untouched. Returns the restored prefix, or None for a fresh run."""
+        from training.checkpoints import find_intact
+
+        path = find_intact(self.checkpoint_dir, move_damaged=not weights_only)
+        self._manager = None  # re-read the (possibly rewritten) state file
+        if path and weights_only:
+            self.tf.train.Checkpoint(model=self.backbone).restore(path).expect_partial()
+            logging.info("restored weights from %s", path)
+        elif path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+            logging.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self):
+        """Checkpoint at the current step. config.json is written just before this run's first
+        checkpoint, so a run that fails before training leaves none behind (issue #16)."""
+        if not self._config_saved:
+            from training.run_config import save_run_config
+
+            save_run_config(self.settings.model_dir, self.config, extra=self.settings.objective())
+            self._config_saved = True
+        return self.manager.save(checkpoint_number=self.step)
+
+
+def validate(trainer, val_set, writer):
+    """Embed the validation images, score pairs, log to TensorBoard; returns the metrics dict."""
+    import numpy as np
+
+    from training import validation
+
+    tf = trainer.tf
+    t0 = time.perf_counter()
+    emb = validation.embed_set(trainer.backbone, val_set, trainer.config.image_size)
+    metrics = validation.score(emb, val_set)
+    val = metrics.get("val_at_far", {})
+    v3 = val.get("0.001", val.get(0.001))
+    if isinstance(v3, dict):
+        v3 = v3.get("val")
+    out = {"step": trainer.step, "accuracy_mean": float(metrics["accuracy_mean"]),
+           "accuracy_std": float(metrics["accuracy_std"]),
+           "val_at_far_1e-3": None if v3 is None else float(v3),
+           "auc": float(metrics["auc"]), "threshold": float(metrics["threshold"]),
+           "num_pairs": int(val_set.num_pairs), "num_failed_pairs": int(val_set.num_failed_pairs),
+           "skipped_images": len(val_set.skipped_images),
+           "embedding_norm_mean": float(np.mean(np.linalg.norm(emb, axis=1))),
+           "seconds": time.perf_counter() - t0}
+    with writer.as_default(step=trainer.step):
+        tf.summary.scalar("val/accuracy", out["accuracy_mean"])
+        if out["val_at_far_1e-3"] is not None:
+            tf.summary.scalar("val/val_at_far_1e-3", out["val_at_far_1e-3"])
+        tf.summary.scalar("val/auc", out["auc"])
+        tf.summary.scalar("val/threshold", out["threshold"])
+        tf.summary.scalar("val/embedding_norm", out["embedding_norm_mean"])
+    writer.flush()
+    return out, emb
+
+
+def write_projector(trainer, val_set, log_dir, emb=None):
+    """The embedding projector files of the first --projector_images validation images."""
+    from training import projector, validation
+
+    n = min(trainer.settings.projector_images, len(val_set.paths))
+    if n == 0:
+        return None
+    paths, names = val_set.paths[:n], val_set.names[:n]
+    if emb is None:
+        emb = validation.embed_paths(trainer.backbone, paths, trainer.config.image_size)
+    return projector.write_projector(log_dir, emb[:n], names, projector.load_thumbnails(paths))
+
+
+def export(trainer, threshold, desc):
+    """The SavedModel of the trained backbone at model_dir/export (training/export.py)."""
+    from training.export import export_metadata, export_saved_model
+
+    meta = export_metadata(trainer.config, step=trainer.step, data=desc.get("data"),
+                           crop=desc.get("crop"))
+    return export_saved_model(trainer.backbone, os.path.join(trainer.settings.model_dir, "export"),
+                              trainer.config.image_size, meta, threshold)
+
+
+def run(tf, settings, t_start):
+    """Train as ``settings`` say (the model_dir already opened, :func:`open_model_dir`), or with
+    --projector_only only rewrite the projector files. ``t_start``: time.monotonic() at start-up,
+    the origin of --max_minutes and of the records' ``elapsed_seconds``."""
+    import keras
+
+    from data.atomic import write_text_atomically
+    from training import data as sources
+    from training.distribute import make_strategy
+
+    s = settings
+    config = s.run_config()
+    image_size = s.image_size
+    keras.utils.set_random_seed(s.seed)
+    if s.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    train_source, val_set, desc = sources.resolve_data(s)
+    desc["recipe"] = s.recipe
+    total_steps = s.total_steps
+    strategy = make_strategy(tf, s.distribution_strategy)
+    from training.objectives import needs_classes
+
+    with_classifier = needs_classes(s.loss, s.pretrain_softmax_steps)
+    trainer = Trainer(tf, s, strategy,
+                      sources.num_classes(train_source, s.skip_damaged_shards)
+                      if with_classifier else None)
+    resumed = trainer.restore(weights_only=s.projector_only)  # all damaged: NO_CHECKPOINT
+    log_dir = os.path.join(s.model_dir, "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+
+    if s.projector_only:
+        if not resumed:
+            raise CliError(f"--projector_only: no checkpoint in {s.model_dir}", NO_CHECKPOINT)
+        if val_set is None:
+            raise CliError("--projector_only needs validation images (--val_dir, --lfw_dir/--lfw_pairs "
+                           "or --val_fraction > 0)")
+        print(json.dumps({"projector_config": write_projector(trainer, val_set, log_dir)}))
+        return
+
+    from training.callbacks import StepLogger, StopOnNaN, TimeLimit
+    from training.objectives import PhaseSwitch
+
+    batch = s.batch_images
+    step_fn = lambda: trainer.step  # noqa: E731
+    logger = StepLogger(writer, step_fn, batch, every=max(1, min(50, s.steps_per_epoch // 4)))
+    nan_stop = StopOnNaN(step_fn)
+    max_minutes = s.max_minutes
+    if max_minutes is None and not s.data_dir and s.max_steps is None and s.epochs is None:
+        max_minutes = BUILTIN_MAX_MINUTES  # the no-flag main job ends in about 10 minutes
+        logging.info("built-in data with no step budget: training stops after %.1f minutes",
+                     max_minutes)
+    deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
+    time_limit = TimeLimit(deadline)
+    callbacks = [nan_stop, time_limit, logger]
+    if s.pretrain_softmax_steps > 0:
+        callbacks.insert(0, PhaseSwitch(step_fn, s.pretrain_softmax_steps,
+                                        trainer.terms["classifier"], trainer.terms["metric"]))
+    logging.info("training %s at %s on %s; %d steps of %d images (P=%d, K=%d), model_dir=%s",
+                 config.model, image_size, desc.get("data"), total_steps, batch,
+                 s.identities_per_batch, s.images_per_identity, s.model_dir)
+
+    images = None if s.projector_only else sources.cached_images(s, train_source)
+    history = []
+    last = None
+    train_seconds = 0.0
+    while trainer.step < total_steps and not time_limit.hit:
+        epoch = trainer.step // s.steps_per_epoch
+        steps = min(s.steps_per_epoch - trainer.step % s.steps_per_epoch,
+                    total_steps - trainer.step)
+        t0, step0 = time.perf_counter(), trainer.step
+        fit = trainer.train_model.fit(sources.batches(s, train_source, epoch, images), epochs=1,
+                                      steps_per_epoch=steps, shuffle=False,
+                                      verbose=1 if sys.stdout.isatty() else 2,
+                                      callbacks=callbacks)
+        fit_seconds = time.perf_counter() - t0
+        train_seconds += fit_seconds
+        if nan_stop.nan_step is not None:
+            good = trainer.manager.latest_checkpoint
+            sys.stderr.write(f"train.py: loss became NaN/inf at step {nan_stop.nan_step}; stopping. "
+                             f"Last good checkpoint: {good}. Try a lower --learning_rate.\n")
+            sys.exit(EXIT_NAN)
+        trainer.save()
+        # Wall clock from start-up (data loading and caching included), validation excluded.
+        elapsed = time.monotonic() - t_start - time_limit.paused_seconds
+        epoch_record = {"step": trainer.step, "train_seconds": round(train_seconds, 2),
+                        "elapsed_seconds": round(elapsed, 2),
+                        "images_per_second": round((trainer.step - step0) * batch / fit_seconds, 1),
+                        **{f"train_{k}": float(v[-1]) for k, v in fit.history.items() if v}}
+        if val_set is not None:
+            last, _ = validate(trainer, val_set, writer)
+            time_limit.pause(last["seconds"])
+            epoch_record.update(last)
+        history.append(epoch_record)
+        if val_set is not None:
+            print(f"step {last['step']}: val accuracy {last['accuracy_mean']:.4f} "
+                  f"± {last['accuracy_std']:.4f}, VAL@FAR=1e-3 {last['val_at_far_1e-3']}, "
+                  f"AUC {last['auc']:.4f}", flush=True)
+
+    if last is None and val_set is not None:
+        last, _ = validate(trainer, val_set, writer)
+    threshold = last["threshold"] if last else None
+    summary = {"model": config.model, "image_size": list(image_size), "loss": s.loss,
+               "step": trainer.step,
+               "train_seconds": round(train_seconds, 1),
+               "stopped_by_time_limit": time_limit.hit, "resumed_from": resumed, **desc}
+    if last:
+        summary.update({k: last[k] for k in ("accuracy_mean", "accuracy_std", "val_at_far_1e-3",
+                                             "auc", "threshold", "num_pairs", "num_failed_pairs",
+                                             "skipped_images")})
+    if val_set is not None:
+        summary["projector_config"] = write_projector(trainer, val_set, log_dir)
+    if s.export:
+        summary["export_dir"] = export(trainer, threshold, desc)
+    summary.update({"model_dir": s.model_dir, "log_dir": log_dir,
+                    "checkpoint": trainer.manager.latest_checkpoint,
+                    "total_seconds": round(time.monotonic() - t_start, 1)})
+    write_text_atomically(os.path.join(s.model_dir, "metrics.json"),
+                          json.dumps({**summary, "history": history}, indent=2))
+    writer.close()
+    print(json.dumps(summary, indent=2))
