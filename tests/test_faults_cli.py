@@ -370,3 +370,16 @@ def test_train_on_a_truncated_shard_names_it_and_can_skip_it(tmp_path, faces):
     assert shard.name in proc.stderr and "lost" in proc.stderr, proc.stderr[-3000:]
     assert json.loads((tmp_path / "m2" / "metrics.json").read_text())["step"] == 2
 
+
+
+@pytest.mark.slow
+def test_nan_loss_exits_with_its_own_code(tmp_path, faces):
+    """A diverging run stops at the step that went NaN/inf with exit code NAN_LOSS (10), which no
+    other failure of any tool uses (it was 3, faces.py's "no face")."""
+    from exit_codes import NAN_LOSS, NO_FACE
+
+    proc = _run("train.py", *TINY, f"--data_dir={faces['train_dir']}", "--val_fraction=0",
+                "--optimizer=sgd", "--learning_rate=1e38", "--max_steps=4", "--steps_per_epoch=4",
+                "--export=false", f"--model_dir={tmp_path / 'nan'}")
+    assert proc.returncode == NAN_LOSS != NO_FACE, proc.stderr[-3000:]
+    assert "loss became NaN/inf at step" in proc.stderr
