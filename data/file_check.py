@@ -32,11 +32,11 @@ def _failure_reason(path: str) -> str:
     if not os.path.exists(path):
         return "missing"
     try:
-        from data.image_io import read_image
+        from data.image_io import failure_reason, read_image
 
         image = read_image(path)
     except Exception as exc:  # noqa: BLE001 - the reason is what we want
-        return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        return failure_reason(exc)
     try:
         load_image(tf.constant(path)).numpy()
     except tf.errors.OpError as exc:

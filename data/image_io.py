@@ -72,6 +72,15 @@ class UnreadableImageError(ValueError):
         super().__init__(message)
 
 
+def failure_reason(exc):
+    """Why a read of an image file failed, as reported beside the file: ``"missing"`` for a file
+    that is not there, the :data:`REASONS` value of an :class:`UnreadableImageError`, else the
+    exception's type and message."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    return getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+
+
 @contextlib.contextmanager
 def _pillow_bomb_guard_lifted():
     """Let Image.open read any declared size; our own limits are checked right after."""

@@ -33,12 +33,14 @@ import os
 
 import numpy as np
 
+from data.image_io import failure_reason
+
 __all__ = ["Embedder", "load_embedder", "embedder_from_backbone", "read_face_image", "resize_to",
            "MISSING", "EMBED_FAILED"]
 
 _log = logging.getLogger("facenet.evaluation")
 
-#: ``failed`` reason for a file that does not exist.
+#: ``failed`` reason for a file that does not exist (data.image_io.failure_reason gives it).
 MISSING = "missing"
 #: ``failed`` reason for an image the model returned a non-finite embedding for.
 EMBED_FAILED = "non_finite_embedding"
@@ -72,13 +74,6 @@ def read_face_image(path):
     except ImportError:  # pragma: no cover - the project ships data.image_io
         return _read_with_cv2(path)
     return read_image(path)
-
-
-def _failure_reason(exc):
-    if isinstance(exc, FileNotFoundError):
-        return MISSING
-    reason = getattr(exc, "reason", None)
-    return reason if reason else f"unreadable: {exc}"
 
 
 def _resize_float(img, h, w):
@@ -187,7 +182,7 @@ class Embedder:
                     images.append(_resize_one(read_face_image(p), self.image_size))
                     ok.append(p)
                 except (OSError, ValueError) as exc:
-                    self._cache[(p, flip)] = _failure_reason(exc)
+                    self._cache[(p, flip)] = failure_reason(exc)  # MISSING for a file not there
             if images:
                 emb = self.embed_images(np.stack(images), flip=flip, batch_size=batch_size)
                 for p, e in zip(ok, emb):

@@ -267,3 +267,17 @@ def test_large_jpeg_decoded_reduced(tmp_path, monkeypatch):
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * scale
     np.testing.assert_allclose(box, [6000, 2000, 7000, 4000], atol=2 * scale)
     np.testing.assert_allclose(got[100, 100], [90, 120, 150], atol=4)
+
+
+def test_failure_reason_names_why_a_read_failed(tmp_path):
+    """One mapping from a failed read to its reported reason (file checks and the embedder)."""
+    from data.image_io import UnreadableImageError, failure_reason, read_image
+
+    with pytest.raises(FileNotFoundError) as missing:
+        read_image(str(tmp_path / "nope.png"))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UnreadableImageError) as empty:
+        read_image(str(tmp_path / "empty.jpg"))
+    assert failure_reason(missing.value) == "missing"
+    assert failure_reason(empty.value) == "empty"
+    assert failure_reason(OSError("disk on fire")) == "OSError: disk on fire"

@@ -127,3 +127,32 @@ def test_real_faces_bench_summary():
     json.dumps(s)
     assert real_faces.parse_recipes("real,x=--loss=cosface --head_scale=30") == {
         "real": ["--recipe=real"], "x": ["--loss=cosface", "--head_scale=30"]}
+
+
+def test_settings_are_read_once_and_frozen(parsed):
+    """train.py turns its flags into one frozen TrainSettings (training/settings.py)."""
+    import dataclasses
+
+    from training.settings import TrainSettings
+
+    fv = parsed(["--model=nns2", "--identities_per_batch=6", "--images_per_identity=3",
+                 "--max_steps=7"])
+    s = TrainSettings.from_flags(fv, "synthetic")
+    assert s.image_size == (140, 116) and s.model_dir == os.path.join("runs", "nns2")
+    assert s.batch_images == 18 and s.total_steps == 7 and s.recipe == "synthetic"
+    assert s.triplet_margin == pytest.approx(0.2)
+    assert s.run_config().model == "nns2"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.learning_rate = 1.0
+    # every field is a train.py flag of the same name, except the three derived ones
+    derived = {"image_size", "model_dir", "recipe"}
+    assert {f.name for f in dataclasses.fields(TrainSettings)} - derived <= set(fv)
+
+
+def test_deprecated_margin_sets_the_triplet_margin_before_the_recipe(parsed, capsys):
+    """--margin (old name of --triplet_margin) counts as given: the recipe does not override it."""
+    fv = parsed(["--recipe=paper", "--margin=0.35"])
+    assert flags.apply_deprecated_aliases("train.py", flag_values=fv) == ["margin"]
+    recipes.apply_recipe(fv, "paper")
+    assert fv.triplet_margin == pytest.approx(0.35)
+    assert "--margin is deprecated" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from absl import logging
 import exit_codes
 from exit_codes import NO_CHECKPOINT, CliError
 
-EXIT_NAN = exit_codes.NAN_LOSS  # 3
+EXIT_NAN = exit_codes.NAN_LOSS  # 10, the table of exit_codes.py
 BUILTIN_MAX_MINUTES = 8.5  # wall clock from start-up, leaving time to validate, project and export
 
 
