@@ -9,6 +9,12 @@ Examples:
       --flip --output_json lfw.json --output_dir plots/
   python evaluate.py --model_dir runs/nn4 --data_dir holdout/ --pairs balanced --num_pairs 6000
 
+Harmonic embeddings (FaceNet's appendix, Figure 9): with ``--compare_export_dir OLD`` the
+verification pairs are also scored with the old model alone and across models (first image by the
+new model, second by the old), under ``cross_model`` (new_new, old_old, new_old) in the JSON:
+  python evaluate.py --export_dir runs/nn2/export --compare_export_dir runs/nn1/export \\
+      --lfw_dir lfw_aligned --lfw_pairs pairs.txt --output_json cross.json --output_dir plots/
+
 The model is a SavedModel (``--export_dir``) or the latest checkpoint of ``--model_dir``. Pairs
 with a missing or unreadable image are counted (``num_failed_pairs``) and excluded, or scored as
 wrong with ``--strict``. Identification and clustering run on the hold-out folder (``--data_dir``,
@@ -37,8 +43,23 @@ def _embed(embedder, paths, what):
     return emb, failed
 
 
-def evaluate_lfw(embedder, lfw_dir, pairs_file):
-    """LFW View 2 (10 folds) or View 1 (1 fold) verification. Returns (results, failed images)."""
+def _cross_model(embedder, old, paths_a, paths_b, issame, folds, num_folds, all_paths):
+    """The three-way scores of --compare_export_dir over the protocol's pairs (new_new is the
+    protocol's own result, recomputed from the cached embeddings; the old model embeds
+    ``all_paths`` as a run of it alone would). Returns (dict, failed)."""
+    from evaluation.cross_model import evaluate_cross_model
+
+    logging.info("cross-model scoring against --compare_export_dir")
+    return evaluate_cross_model(embedder, old, paths_a, paths_b, issame, folds,
+                                num_folds=num_folds, strict=FLAGS.strict, flip=FLAGS.flip,
+                                batch_size=FLAGS.batch_size, progress=True,
+                                embed_first=all_paths)
+
+
+def evaluate_lfw(embedder, lfw_dir, pairs_file, old=None):
+    """LFW View 2 (10 folds) or View 1 (1 fold) verification. Returns (results, failed images).
+
+    ``old``: the --compare_export_dir embedder; adds ``cross_model`` to the results."""
     from data.pairs import read_pairs
     from evaluation.report import pair_distances, score_pairs
 
@@ -52,11 +73,19 @@ def evaluate_lfw(embedder, lfw_dir, pairs_file):
                          num_folds=pairset.num_folds, strict=FLAGS.strict)
     result["protocol"] = "lfw"
     result["num_missing_images"] = len(pairset.missing)
+    if old is not None:
+        result["cross_model"], failed_old = _cross_model(
+            embedder, old, pairset.paths_a, pairset.paths_b, pairset.issame, pairset.folds,
+            pairset.num_folds, paths)
+        failed = failed + failed_old
     return result, failed
 
 
-def evaluate_holdout(embedder, root):
-    """Hold-out folder: verification over make_pairs, then identification and clustering."""
+def evaluate_holdout(embedder, root, old=None):
+    """Hold-out folder: verification over make_pairs, then identification and clustering.
+
+    ``old``: the --compare_export_dir embedder; adds ``cross_model`` to the verification (the
+    identification and clustering protocols use the new model only)."""
     from data.dataset import scan_identity_folder
     from evaluation.holdout_pairs import make_pairs
     from evaluation.report import pair_distances, score_pairs
@@ -79,6 +108,11 @@ def evaluate_holdout(embedder, root):
     verification["pairs_mode"] = FLAGS.pairs
     verification["num_images"] = len(dataset)
     verification["num_identities"] = dataset.num_classes
+    if old is not None:
+        verification["cross_model"], failed_old = _cross_model(
+            embedder, old, [dataset.paths[i] for i in idx_a], [dataset.paths[i] for i in idx_b],
+            issame, folds, FLAGS.num_folds, dataset.paths)
+        failed = failed + failed_old
     ok = np.all(np.isfinite(emb), axis=1)
     extra = {}
     if FLAGS.identification:
@@ -107,8 +141,9 @@ def evaluate_holdout(embedder, root):
 
 
 def _write_plots(result, output_dir, prefix=""):
-    """roc.png and distance_histogram.png (file names prefixed with ``prefix``)."""
-    from evaluation.plots import plot_distance_histogram, plot_roc
+    """roc.png and distance_histogram.png, and roc_cross_model.png with --compare_export_dir
+    (file names prefixed with ``prefix``)."""
+    from evaluation.plots import plot_distance_histogram, plot_roc, plot_roc_curves
     from evaluation.verification import roc_curve
 
     d, s = result["_valid"]
@@ -124,6 +159,16 @@ def _write_plots(result, output_dir, prefix=""):
         written.append(plot_distance_histogram(
             d, s, result["threshold"], os.path.join(output_dir, prefix + "distance_histogram.png"),
             title=f"Pair distances ({result['protocol']})"))
+    if "cross_model" in result:
+        from evaluation.cross_model import roc_curves
+
+        curves = roc_curves(result["cross_model"])
+        if curves:
+            written.append(plot_roc_curves(
+                curves, os.path.join(output_dir, prefix + "roc_cross_model.png"),
+                title=f"ROC across models ({result['protocol']})"))
+        else:
+            logging.warning("no cross-model ROC plot: the evaluated pairs hold only one class")
     return written
 
 
@@ -133,15 +178,20 @@ def _check_paths(holdout_dir):
     from cli_checks import require_dir, require_file, require_writable_dir, require_writable_parent
     from exit_codes import BAD_EXPORT, CliError
 
-    if FLAGS.export_dir:
-        require_dir(FLAGS.export_dir, "--export_dir", BAD_EXPORT)
-        if not any(os.path.isfile(os.path.join(FLAGS.export_dir, name))
+    def require_saved_model(path, flag):
+        require_dir(path, flag, BAD_EXPORT)
+        if not any(os.path.isfile(os.path.join(path, name))
                    for name in ("saved_model.pb", "saved_model.pbtxt")):
-            raise CliError(f"--export_dir {FLAGS.export_dir}: not a SavedModel (no saved_model.pb"
-                           f"{'; the folder is empty' if not os.listdir(FLAGS.export_dir) else ''})",
+            raise CliError(f"{flag} {path}: not a SavedModel (no saved_model.pb"
+                           f"{'; the folder is empty' if not os.listdir(path) else ''})",
                            BAD_EXPORT)
+
+    if FLAGS.export_dir:
+        require_saved_model(FLAGS.export_dir, "--export_dir")
     elif FLAGS.model_dir:
         require_dir(FLAGS.model_dir, "--model_dir")
+    if FLAGS.compare_export_dir:
+        require_saved_model(FLAGS.compare_export_dir, "--compare_export_dir")
     if FLAGS.lfw_dir:
         require_dir(FLAGS.lfw_dir, "--lfw_dir")
     if FLAGS.lfw_pairs:
@@ -152,6 +202,30 @@ def _check_paths(holdout_dir):
         require_writable_dir(FLAGS.output_dir, "--output_dir")
     if FLAGS.output_json:
         require_writable_parent(FLAGS.output_json, "--output_json")
+
+
+def _load_saved_model(export_dir, flag, image_size):
+    """The embedder of the SavedModel ``export_dir``; CliError (BAD_EXPORT) naming ``flag``."""
+    from exit_codes import BAD_EXPORT, CliError
+    from training.export import load_embedder
+
+    try:
+        return load_embedder(export_dir, None, image_size=image_size, batch_size=FLAGS.batch_size)
+    except (OSError, ValueError) as exc:  # unparsable, no serving_default, bad signature
+        raise CliError(f"{flag} {export_dir}: not a usable SavedModel "
+                       f"({' '.join(str(exc).split())})", BAD_EXPORT) from None
+
+
+def _check_compatible(new, old):
+    """Both models must return embeddings of one size: else CliError (BAD_EXPORT), one line."""
+    from evaluation.cross_model import check_compatible
+    from exit_codes import BAD_EXPORT, CliError
+
+    try:
+        check_compatible(new, old)
+    except ValueError as exc:
+        raise CliError(f"--compare_export_dir {FLAGS.compare_export_dir}: {exc}",
+                       BAD_EXPORT) from None
 
 
 def run():
@@ -171,27 +245,28 @@ def run():
     image_size = (project_flags.parse_image_size(FLAGS.image_size, None)
                   if FLAGS.image_size else None)
     if FLAGS.export_dir:
-        from exit_codes import BAD_EXPORT, CliError
-
-        try:
-            embedder = load_embedder(FLAGS.export_dir, None, image_size=image_size,
-                                     batch_size=FLAGS.batch_size)
-        except (OSError, ValueError) as exc:  # unparsable, no serving_default, bad signature
-            raise CliError(f"--export_dir {FLAGS.export_dir}: not a usable SavedModel "
-                           f"({' '.join(str(exc).split())})", BAD_EXPORT) from None
+        embedder = _load_saved_model(FLAGS.export_dir, "--export_dir", image_size)
     else:
         embedder = load_embedder(None, FLAGS.model_dir, image_size=image_size,
                                  batch_size=FLAGS.batch_size)
+    old = None
+    if FLAGS.compare_export_dir:
+        # the old model's own input size (facenet.json), whatever --image_size says of the new one
+        old = _load_saved_model(FLAGS.compare_export_dir, "--compare_export_dir", None)
+        _check_compatible(embedder, old)
     model = dict(embedder.metadata)
     model["image_size"] = list(embedder.image_size)
     results = {"model": model, "flip": bool(FLAGS.flip), "strict": bool(FLAGS.strict)}
+    if old is not None:
+        results["compare_model"] = {**old.metadata, "image_size": list(old.image_size),
+                                    "embedding_size": old.embedding_size}
     failed_all = []
     primary = None
     if lfw:
-        primary, failed = evaluate_lfw(embedder, FLAGS.lfw_dir, FLAGS.lfw_pairs)
+        primary, failed = evaluate_lfw(embedder, FLAGS.lfw_dir, FLAGS.lfw_pairs, old)
         failed_all += failed
     if holdout_dir:
-        verification, extra, failed = evaluate_holdout(embedder, holdout_dir)
+        verification, extra, failed = evaluate_holdout(embedder, holdout_dir, old)
         failed_all += failed
         if primary is None:
             primary = verification
@@ -208,6 +283,8 @@ def run():
     for r in (primary, results.get("holdout")):
         if r is not None:
             r.pop("_valid", None)
+            for mode in r.get("cross_model", {}).values():
+                mode.pop("_valid", None)
     results = {**primary, **results}
     results["plots"] = plots
     return results

@@ -43,7 +43,10 @@ def main(argv):
     # none restores: NoCheckpointError, a CliError (one line, exit code NO_CHECKPOINT)
     backbone, config, ckpt = restore_backbone(FLAGS.model_dir, FLAGS.checkpoint)
     threshold = FLAGS.threshold if FLAGS.threshold is not None else recorded.get("threshold")
-    meta = export_metadata(config, checkpoint=os.path.basename(ckpt), crop=recorded.get("crop"))
+    with open(os.path.join(FLAGS.model_dir, "config.json"), encoding="utf-8") as f:
+        old = json.load(f).get("compatible_with")  # train.py --compatible_with: stay compatible
+    meta = export_metadata(config, compatible_with=old, checkpoint=os.path.basename(ckpt),
+                           crop=recorded.get("crop"))
     export_saved_model(backbone, export_dir, config.image_size, meta, threshold)
     print(json.dumps({"export_dir": export_dir, "checkpoint": ckpt, "threshold": threshold}))
 

@@ -190,6 +190,11 @@ def define_train_flags():
     flags.DEFINE_integer("projector_images", 500, "Validation images shown in the projector.")
     flags.DEFINE_boolean("projector_only", False, "Only (re)write the projector files and exit.")
     flags.DEFINE_boolean("export", True, "Write a SavedModel to model_dir/export at the end.")
+    flags.DEFINE_string(
+        "compatible_with", None,
+        "Harmonic embeddings (FaceNet's appendix): train embeddings that compare directly with "
+        "those of this old model, an export folder (SavedModel) or a model_dir; it is loaded "
+        "frozen and must have the same --embedding_size (losses/harmonic.py).")
     flags.DEFINE_integer("synthetic_identities", 400, "Built-in data: number of identities.")
     flags.DEFINE_integer("synthetic_images_per_identity", 20, "Built-in data: images per identity.")
 
@@ -225,6 +230,12 @@ def define_evaluate_flags():
                        "Identification: fraction of identities held out as open-set impostors.")
     flags.DEFINE_string("output_json", None, "Write the metrics here as JSON.")
     flags.DEFINE_string("output_dir", None, "Write ROC and distance-histogram PNGs here.")
+    flags.DEFINE_string(
+        "compare_export_dir", None,
+        "Harmonic embeddings (FaceNet's appendix, Figure 9): an old SavedModel with the same "
+        "embedding size as the evaluated (new) model. The verification pairs are then also scored "
+        "old-old and new-old (first image by the new model, second by the old), reported under "
+        "cross_model in the JSON; --output_dir gets roc_cross_model.png with the three ROC curves.")
 
 
 def parse_image_size(value, default):

@@ -16,7 +16,11 @@ import numpy as np
 
 from evaluation.verification import (best_accuracy_threshold, check_pairs, evaluate_verification)
 
-__all__ = ["pair_distances", "score_pairs", "summarize_failures", "format_summary"]
+__all__ = ["pair_distances", "score_pairs", "summarize_failures", "format_summary",
+           "CROSS_MODEL_MODES"]
+
+#: The modes of a ``cross_model`` result (evaluation/cross_model.py), in report order.
+CROSS_MODEL_MODES = (("new_new", "new-new"), ("old_old", "old-old"), ("new_old", "new-old"))
 
 
 def pair_distances(emb_a, emb_b):
@@ -105,6 +109,24 @@ def _verification_lines(name, r):
     return lines
 
 
+def _cross_model_lines(name, cross):
+    """One line per mode of a ``cross_model`` dict (new_new, old_old, new_old)."""
+    lines = []
+    for key, label in CROSS_MODEL_MODES:
+        r = cross.get(key)
+        if not r:
+            continue
+        far, v = next(iter(r["val_at_far"].items()), (None, None))
+        val = f"VAL {v['val']:.4f} @ FAR {far}   " if v else ""
+        failed = (f"   {r['num_failed_pairs']} failed pairs "
+                  f"({'scored as wrong' if r['strict'] else 'excluded'})"
+                  if r["num_failed_pairs"] else "")
+        lines.append(f"cross-model {name} {label}: accuracy {r['accuracy_mean']:.4f} +- "
+                     f"{r['accuracy_std']:.4f}   {val}AUC {_fmt(r['auc'])}   "
+                     f"threshold {_fmt(r['threshold'])}{failed}")
+    return lines
+
+
 def format_summary(results):
     """One-screen text summary of an evaluate.py results dict."""
     m = results.get("model", {})
@@ -113,10 +135,21 @@ def format_summary(results):
     lines = [f"model: {m.get('model', '?')} ({size}, D={m.get('embedding_size', '?')}) "
              f"from {m.get('export_dir') or m.get('checkpoint') or '?'}; "
              f"flip={'on' if results.get('flip') else 'off'}"]
+    old = results.get("compare_model")
+    if old:
+        size = old.get("image_size")
+        size = f"{size[0]}x{size[1]}" if size else "?"
+        lines.append(f"compared with (old): {old.get('model', '?')} ({size}, "
+                     f"D={old.get('embedding_size', '?')}) from {old.get('export_dir', '?')}")
     if "accuracy_mean" in results:
         lines += _verification_lines(results.get("protocol", "verification"), results)
+    if "cross_model" in results:
+        lines += _cross_model_lines(results.get("protocol", "verification"),
+                                    results["cross_model"])
     if "holdout" in results:
         lines += _verification_lines("holdout", results["holdout"])
+        if "cross_model" in results["holdout"]:
+            lines += _cross_model_lines("holdout", results["holdout"]["cross_model"])
     ident = results.get("identification")
     if ident:
         if "error" in ident:

@@ -3,14 +3,17 @@
 Modules: `distances` (pairwise distance matrices), `masks` (positive/negative pair masks, masked
 reductions), `mining` (one function per mining strategy, and distance-weighted sampling),
 `seeding` (seeds of the random draws), `triplet` (the loss, its statistics and the Keras Loss),
-`layer` (a Keras Layer adding the loss and its statistics), `tfa_compat` (drop-in replacements for
-tensorflow_addons' TripletSemiHardLoss / TripletHardLoss); the losses that followed FaceNet:
-`pair_losses` (contrastive, lifted structured, soft-margin batch-hard, distance-weighted) and
-`margin_heads` (softmax, center loss, NormFace, SphereFace, CosFace, ArcFace heads over the
-embedding); `wrapper` (the Keras Loss form shared by the batch losses); `empty_batch` makes every
-batch loss 0 on an empty batch.
+`layer` (a Keras Layer adding the loss and its statistics), `harmonic` (FaceNet's harmonic
+triplet loss: new embeddings compatible with an old frozen model's, and its Layer), `tfa_compat`
+(drop-in replacements for tensorflow_addons' TripletSemiHardLoss / TripletHardLoss); the losses
+that followed FaceNet: `pair_losses` (contrastive, lifted structured, soft-margin batch-hard,
+distance-weighted) and `margin_heads` (softmax, center loss, NormFace, SphereFace, CosFace,
+ArcFace heads over the embedding); `wrapper` (the Keras Loss form shared by the batch losses);
+`empty_batch` makes every batch loss 0 on an empty batch.
 """
 from losses.distances import DISTANCES, pairwise_distances
+from losses.harmonic import (HarmonicTripletLossLayer, harmonic_triplet_loss,
+                             harmonic_triplet_loss_with_stats)
 from losses.layer import TripletLossLayer
 from losses.margin_heads import (HEADS, ArcFaceHead, CenterLoss, CosFaceHead, NormFaceHead,
                                  SoftmaxCenterHead, SoftmaxHead, SphereFaceHead, make_head)
@@ -29,6 +32,7 @@ __all__ = [
     "LiftedStructuredLoss", "NormFaceHead", "SoftmaxCenterHead", "SoftmaxHead", "SphereFaceHead",
     "TriHardLoss", "contrastive_loss", "distance_weighted_loss", "distance_weighted_sampling",
     "lifted_structured_loss", "make_head", "trihard_loss",
+    "HarmonicTripletLossLayer", "harmonic_triplet_loss", "harmonic_triplet_loss_with_stats",
     "DISTANCES", "STAT_KEYS", "STRATEGIES", "TripletHardLoss", "TripletLoss", "TripletLossLayer",
     "TripletSemiHardLoss", "masked_maximum", "masked_minimum", "mine_all", "mine_hard",
     "mine_semi_hard", "mine_semi_hard_paper", "negative_mask", "pairwise_distances",

@@ -5,10 +5,18 @@ an NPZ (default ``$FACENET_CACHE/galleries/<gallery>-<settings>.npz``, ``~/.cach
 FACENET_CACHE is unset) keyed per photo on (relative path, size, mtime): a later run re-embeds only
 photos that are new or changed, and forgets removed ones. Photos that gave no face are cached too
 (with their reason), so they are not re-detected on every run; they are re-tried when they change.
-The whole cache is rebuilt when the model (its files' size and mtime) or the crop settings change:
-those are part of the file name and are checked inside it. A cache that cannot be read (empty,
-truncated, damaged bytes) is treated as absent: one warning naming the file, then it is rebuilt
-(written atomically, like every cache write).
+The cache is keyed by the crop settings and by the space the model's embeddings live in: an export
+with an identity (``export_id`` and ``embedding_space`` in its assets/facenet.json, written by
+training/export.py) is keyed by its ``embedding_space``, so a new export trained compatible with an
+old one (same space: its embeddings can be compared with the old one's) finds and reuses the
+gallery embedded by the old export, and embeds only new or changed photos; each entry records the
+``export_id`` that embedded it and ``stats["compatible_cache_from"]`` lists the other exports whose
+embeddings were reused. An export without an identity (written before exports had one) is keyed by
+its files (path, size and mtime) as before. Whatever changes the key (another space, other crop
+settings, an old export rewritten) rebuilds the whole cache: the key is part of the file name and
+is checked inside it. A cache that cannot be read (empty, truncated, damaged bytes) is treated as
+absent: one warning naming the file, then it is rebuilt (written atomically, like every cache
+write).
 """
 import dataclasses
 import hashlib
@@ -28,8 +36,12 @@ CACHE_VERSION = 1
 class Gallery:
     """Embedded gallery: row i of ``embeddings`` is ``files[i]`` of person ``people[labels[i]]``.
 
-    ``stats``: images, people, cached, embedded, removed, failed. ``failures``: Failure per photo
-    without a face (cached ones included). ``cache_path``: where it was cached (None: not cached).
+    ``stats``: images, people, cached, embedded, removed, failed, people_without_face, and the
+    model's identity: export_id and embedding_space (None for an export without them),
+    compatible_cache_from (sorted export ids, other than the model's, that embedded the cached
+    rows reused now: the cache came from a compatible export; [] when none). ``failures``: Failure
+    per photo without a face (cached ones included). ``cache_path``: where it was cached (None:
+    not cached). ``embedded_by``: per row, the export_id that embedded it (None when unknown).
     """
 
     root: str
@@ -41,11 +53,27 @@ class Gallery:
     failures: list
     stats: dict
     cache_path: str = None
+    embedded_by: list = None
+
+
+def _model_identity(model):
+    """(export_id, embedding_space) of ``model`` (photos.model.FaceModel); None for each one the
+    export does not record (or a model object without the methods)."""
+    def call(name):
+        method = getattr(model, name, None)
+        value = method() if callable(method) else None
+        return value if isinstance(value, str) and value else None
+
+    return call("export_id"), call("embedding_space")
 
 
 def _settings_key(model, cropper):
-    return json.dumps({"version": CACHE_VERSION, "model": model.fingerprint(),
-                       "crop": cropper.settings()}, sort_keys=True)
+    """What a cache must have been made with to be used: the cache version, the crop settings and
+    the model's embedding space (its files' fingerprint when the export records no space)."""
+    _, space = _model_identity(model)
+    key = {"embedding_space": space} if space else {"model": model.fingerprint()}
+    return json.dumps({"version": CACHE_VERSION, **key, "crop": cropper.settings()},
+                      sort_keys=True)
 
 
 def default_cache_path(gallery_dir, model, cropper):
@@ -102,7 +130,7 @@ def _load_cache(path, settings):
         return {}, f"gallery cache {path} is unreadable ({reason}); ignoring it and rebuilding it"
 
 
-def _save_cache(path, settings, root, entries):
+def _save_cache(path, settings, root, entries, identity=(None, None)):
     rows, meta_entries = [], []
     for rel in sorted(entries):
         e = {k: v for k, v in entries[rel].items() if k != "embedding"}
@@ -113,6 +141,8 @@ def _save_cache(path, settings, root, entries):
     emb = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
     meta = {"version": CACHE_VERSION, "settings": settings, "gallery": os.path.abspath(root),
             "entries": meta_entries}
+    if identity[0] or identity[1]:  # the export that wrote the file (entries: who embedded them)
+        meta.update(export_id=identity[0], embedding_space=identity[1])
     write_npz(path, meta=np.array(json.dumps(meta)), embeddings=emb)
 
 
@@ -131,21 +161,9 @@ def scan_gallery(gallery_dir):
     return [(ds.class_names[int(label)], path) for path, label in zip(ds.paths, ds.labels)]
 
 
-def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, progress=True,
-                 items=None):
-    """Embed the gallery, reusing and refreshing the cache. See the module docstring.
-
-    Returns :class:`Gallery`; raises PhotoError (exit 6) when the gallery has no image or no face.
-    """
-    items = items if items is not None else scan_gallery(gallery_dir)
-    settings = _settings_key(model, cropper)
-    if use_cache and cache_path is None:
-        cache_path = default_cache_path(gallery_dir, model, cropper)
-    cached, warning = _load_cache(cache_path, settings) if use_cache else ({}, None)
-    if warning:
-        from absl import logging
-
-        logging.warning("%s", warning)
+def _plan(items, gallery_dir, cached, export_id):
+    """({rel: entry}, [paths to embed]): cached entries of unchanged photos, new ones for the rest
+    (recording the ``export_id`` that embeds them when the export has one)."""
     entries, todo = {}, []
     for person, path in items:
         rel = os.path.relpath(path, gallery_dir)
@@ -155,28 +173,65 @@ def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, p
             entries[rel] = hit
         else:
             entries[rel] = {"rel": rel, "person": person, "key": key}
+            if export_id:
+                entries[rel]["export_id"] = export_id
             todo.append(path)
+    return entries, todo
+
+
+def _embed_into(entries, todo, gallery_dir, model, cropper, progress):
+    """Embed the main face of each of ``todo`` into its entry (or record why there is none)."""
+    result = embed_photos(todo, model, cropper, largest=True, progress=progress)
+    for face, emb in zip(result.faces, result.embeddings):
+        entry = entries[os.path.relpath(face.file, gallery_dir)]
+        entry.update(embedding=emb, box=[float(v) for v in face.box], score=face.score)
+    for failure in result.failures:
+        entry = entries[os.path.relpath(failure.file, gallery_dir)]
+        entry.update(reason=failure.reason, detail=failure.detail)
+
+
+def _dimensions(entries):
+    return {int(np.shape(e["embedding"])[-1]) for e in entries.values()
+            if e.get("embedding") is not None}
+
+
+def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, progress=True,
+                 items=None):
+    """Embed the gallery, reusing and refreshing the cache. See the module docstring.
+
+    Returns :class:`Gallery`; raises PhotoError (exit 6) when the gallery has no image or no face.
+    """
+    from absl import logging
+
+    items = items if items is not None else scan_gallery(gallery_dir)
+    settings = _settings_key(model, cropper)
+    export_id, space = identity = _model_identity(model)
+    if use_cache and cache_path is None:
+        cache_path = default_cache_path(gallery_dir, model, cropper)
+    cached, warning = _load_cache(cache_path, settings) if use_cache else ({}, None)
+    if warning:
+        logging.warning("%s", warning)
+    entries, todo = _plan(items, gallery_dir, cached, export_id)
     if todo:
-        result = embed_photos(todo, model, cropper, largest=True, progress=progress)
-        for face, emb in zip(result.faces, result.embeddings):
-            entry = entries[os.path.relpath(face.file, gallery_dir)]
-            entry.update(embedding=emb, box=[float(v) for v in face.box], score=face.score)
-        for failure in result.failures:
-            entry = entries[os.path.relpath(failure.file, gallery_dir)]
-            entry.update(reason=failure.reason, detail=failure.detail)
+        _embed_into(entries, todo, gallery_dir, model, cropper, progress)
+        if len(_dimensions(entries)) > 1:  # a space id shared by models that are not compatible
+            warning = (f"gallery cache {cache_path}: its embeddings have other dimensions than "
+                       f"this model's ({export_id or model.fingerprint()}); rebuilding it")
+            logging.warning("%s", warning)
+            cached = {}
+            entries, todo = _plan(items, gallery_dir, cached, export_id)
+            _embed_into(entries, todo, gallery_dir, model, cropper, progress)
     removed = len(set(cached) - set(entries))
     if use_cache and (todo or removed or warning or not os.path.isfile(cache_path)):
         try:
-            _save_cache(cache_path, settings, gallery_dir, entries)
+            _save_cache(cache_path, settings, gallery_dir, entries, identity)
         except OSError as exc:
-            from absl import logging
-
             logging.warning("could not write the gallery cache %s: %s", cache_path, exc)
             cache_path = None
 
     people = sorted({person for person, _ in items})
     index = {p: i for i, p in enumerate(people)}
-    files, labels, rows, boxes, failures = [], [], [], [], []
+    files, labels, rows, boxes, failures, embedded_by = [], [], [], [], [], []
     for person, path in items:
         e = entries[os.path.relpath(path, gallery_dir)]
         if e.get("embedding") is None:
@@ -186,11 +241,17 @@ def load_gallery(gallery_dir, model, cropper, cache_path=None, use_cache=True, p
         labels.append(index[person])
         rows.append(np.asarray(e["embedding"], np.float32))
         boxes.append(e.get("box"))
+        embedded_by.append(e.get("export_id"))
+    reused_from = {e.get("export_id") for rel, e in entries.items()
+                   if rel in cached and e is cached[rel] and e.get("embedding") is not None}
     stats = {"images": len(items), "people": len(people), "cached": len(items) - len(todo),
              "embedded": len(todo), "removed": removed, "failed": len(failures),
-             "people_without_face": sorted(set(people) - {people[i] for i in labels})}
+             "people_without_face": sorted(set(people) - {people[i] for i in labels}),
+             "export_id": export_id, "embedding_space": space,
+             "compatible_cache_from": sorted(i for i in reused_from if i and i != export_id)}
     if not rows:
         raise PhotoError(f"empty gallery {gallery_dir}: no face found in any of its {len(items)} "
                          f"photo(s) (e.g. {failures[0].message()})", EXIT_EMPTY_GALLERY)
     return Gallery(os.path.abspath(gallery_dir), people, np.asarray(labels, np.int64), files,
-                   np.stack(rows), boxes, failures, stats, cache_path if use_cache else None)
+                   np.stack(rows), boxes, failures, stats, cache_path if use_cache else None,
+                   embedded_by)

@@ -32,6 +32,11 @@ def _valid_threshold(value):
     return value if math.isfinite(value) and value > 0 else None
 
 
+def _identity(value):
+    """An export or space id from facenet.json: a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
+
+
 def check_export_dir(export_dir):
     """Raise :class:`PhotoError` (exit 2) unless ``export_dir`` looks like a SavedModel."""
     if not export_dir:
@@ -94,7 +99,9 @@ class FaceModel:
     Attributes:
         export_dir: the SavedModel folder.
         image_size: (H, W) model input in pixels.
-        metadata: ``assets/facenet.json`` (empty dict if absent).
+        metadata: ``assets/facenet.json`` (empty dict if absent); its ``export_id`` and
+            ``embedding_space`` (:meth:`export_id`, :meth:`embedding_space`) identify the export
+            and the space its embeddings live in.
         threshold: stored verification threshold (squared L2), or None when unknown.
     """
 
@@ -124,12 +131,27 @@ class FaceModel:
                 parts.append(f"{name}:-")
         return "|".join(parts)
 
+    def export_id(self):
+        """The export's ``export_id`` (training/export.py ``export_metadata``), or None for an
+        export written before exports had identities."""
+        return _identity(self.metadata.get("export_id"))
+
+    def embedding_space(self):
+        """The id of the space the embeddings live in: the export's ``embedding_space`` (its own
+        ``export_id``, or an older export's space when it was trained compatible with that export,
+        so embeddings of the two can be compared), or None for an old export without one.
+        The gallery cache is keyed by it (photos/gallery.py)."""
+        return _identity(self.metadata.get("embedding_space")) or self.export_id()
+
     def describe(self):
         """JSON-ready summary for reports."""
+        compatible = self.metadata.get("compatible_with")
         return {"export_dir": self.export_dir, "model": self.metadata.get("model"),
                 "image_size": list(self.image_size),
                 "preprocessing": self.metadata.get("preprocessing"),
-                "stored_threshold": self.threshold}
+                "stored_threshold": self.threshold, "export_id": self.export_id(),
+                "embedding_space": self.embedding_space(),
+                "compatible_with": compatible if isinstance(compatible, dict) else None}
 
 
 def load_model(export_dir, batch_size=64):

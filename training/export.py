@@ -9,8 +9,9 @@ Signatures of the export:
 
 Also stored: ``assets/facenet.json`` (model name, image size, embedding size, preprocessing, the
 validation-chosen verification threshold in squared L2 distance, and ``crop``: how the training
-faces were cut from photos, from the aligned folder's align_settings.json, or null) and, as
-attributes of the loaded
+faces were cut from photos, from the aligned folder's align_settings.json, or null; the export's
+identity: ``export_id``, ``embedding_space`` and, for a model trained compatible with an older
+export, ``compatible_with``, see :func:`export_metadata`) and, as attributes of the loaded
 object, ``threshold`` (float32 scalar variable, NaN when unknown) and ``image_size`` (int32 [2]).
 
 Used by train.py (the export at the end of a run), export.py (the CLI), evaluate.py --model_dir
@@ -167,13 +168,101 @@ def stored_metrics(model_dir, required=True):
     return recorded
 
 
-def export_metadata(config, **extra):
+def _metadata_of_folder(path):
+    """(metadata, export folder) of an export folder or of a train.py model_dir (its export,
+    model_dir/export); ({}, path) when neither has an ``assets/facenet.json``."""
+    for folder in (path, os.path.join(path, "export")):
+        if os.path.isfile(os.path.join(folder, "assets", METADATA_NAME)):
+            return read_export_metadata(folder), folder
+    return {}, path
+
+
+def compatibility_record(old):
+    """The ``compatible_with`` record of an export whose embeddings live in ``old``'s space.
+
+    ``old``: the old export's folder (its ``assets/facenet.json`` is read; for a train.py
+    model_dir, that of model_dir/export), its metadata dict as :func:`read_export_metadata`
+    returns it (with an ``export_dir`` key if the path is to be recorded: an evaluation embedder's
+    metadata has one), what training/compatible.py ``old_identity`` returns (``path``, ``kind``,
+    and the ids when the old model has them), or a record this function returned (kept as it is,
+    so a re-export keeps the run's compatibility).
+    Returns ``{"export_id": OLD_ID, "embedding_space": OLD_SPACE, "export_dir": OLD_PATH}``
+    (plus ``path``, ``kind`` and ``model`` when ``old`` has them, for the reader):
+    OLD_SPACE is the old export's ``embedding_space``, else its ``export_id``. Both are None when
+    the old model records no identity (an export written before exports had one, or a model_dir
+    without an export): the compatibility is recorded, but no gallery cache can be shared.
+    """
+    if isinstance(old, (str, os.PathLike)):
+        meta, folder = _metadata_of_folder(os.path.abspath(os.fspath(old)))
+        old = dict(meta, export_dir=folder)
+    if not isinstance(old, dict):
+        raise TypeError(f"compatible_with: an export folder or its metadata dict, not "
+                        f"{type(old).__name__}")
+
+    def ident(key):
+        value = old.get(key)
+        return value if isinstance(value, str) and value else None
+
+    export_id = ident("export_id")
+    space = ident("embedding_space") or export_id
+    export_dir = old.get("export_dir") or old.get("path")
+    if export_dir and old.get("kind") == "model_dir" and export_id:
+        export_dir = os.path.join(export_dir, "export")  # the ids are those of its export
+    record = {"export_id": export_id, "embedding_space": space,
+              "export_dir": os.path.abspath(export_dir) if export_dir else None}
+    record.update({k: old[k] for k in ("path", "kind", "model") if old.get(k) is not None})
+    return record
+
+
+def export_metadata(config, compatible_with=None, **extra):
     """The ``assets/facenet.json`` fields of a run's backbone (``config``: its RunConfig), plus
-    ``extra`` (step or checkpoint, data, crop)."""
+    ``extra`` (step or checkpoint, data, crop) and the export's identity.
+
+    Identity (new at every call, so every export, re-exports of one checkpoint included, has its
+    own): ``export_id``, a uuid4 hex, and ``embedding_space``, the id of the space its embeddings
+    live in (the photo tool's gallery cache is keyed by it). By default the space is the export's
+    own id. ``compatible_with``: for a model trained so that its embeddings compare directly with
+    an old model's (FaceNet's harmonic embeddings), anything :func:`compatibility_record` takes
+    (the old export's folder, its metadata, training/compatible.py ``old_identity``, or the record
+    an earlier export of the run stored); the export then records ``compatible_with`` (the old
+    export's ``export_id``, ``embedding_space`` and ``export_dir``) and lives in the old export's
+    space, so faces.py keeps the galleries the old export embedded. Whoever exports a run trained
+    that way (train.py at its end, export.py later from a checkpoint) passes what the run keeps
+    about its old model, so that every export of the run stays compatible. When the old model has
+    no identity the export keeps a space of its own (a warning says so). Raises ValueError when
+    the old export's metadata gives another embedding size. The identity keys are set after
+    ``extra``, which cannot override them.
+    """
+    import uuid
+
     from data.preprocess import PREPROCESS_NAME
 
-    return {"model": config.model, "embedding_size": config.embedding_size,
+    meta = {"model": config.model, "embedding_size": config.embedding_size,
             "normalization": config.normalization, "preprocessing": PREPROCESS_NAME, **extra}
+    export_id = uuid.uuid4().hex
+    meta["export_id"] = export_id
+    meta["embedding_space"] = export_id
+    if compatible_with is None:
+        return meta
+    if isinstance(compatible_with, (str, os.PathLike)):
+        folder_meta, folder = _metadata_of_folder(os.path.abspath(os.fspath(compatible_with)))
+        compatible_with = dict(folder_meta, export_dir=folder)
+    record = compatibility_record(compatible_with)
+    old_size = compatible_with.get("embedding_size") if isinstance(compatible_with, dict) else None
+    if old_size is not None and int(old_size) != int(config.embedding_size):
+        raise ValueError(f"cannot be compatible with {record['export_dir']}: its embeddings have "
+                         f"{old_size} dimensions, this model's {config.embedding_size}")
+    meta["compatible_with"] = record
+    if record["embedding_space"]:
+        meta["embedding_space"] = record["embedding_space"]
+    else:
+        from absl import logging
+
+        logging.warning("the old model %s records no export_id (exported before exports had "
+                        "identities): this export is compatible with it but has an embedding "
+                        "space of its own, so faces.py rebuilds the gallery caches it embedded",
+                        record["export_dir"])
+    return meta
 
 
 def load_checkpoint_embedder(model_dir, image_size=None, batch_size=64):

@@ -120,13 +120,15 @@ def head_kwargs(name, scale=None, margin=None, center_weight=None):
 def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *, margin=0.2,
                       distance="squared_l2", mining="semi_hard", loss_margin=None,
                       head_scale=None, head_margin=None, center_weight=None,
-                      pretrain_steps=0, pretrain_head="softmax", seed=None):
+                      pretrain_steps=0, pretrain_head="softmax", seed=None, old_embedding=None):
     """The training model and the layers that hold state to checkpoint besides the backbone.
 
     Returns ``(train_model, terms)``: ``terms`` maps "triplet" / "metric" / "classifier" to the loss
     layers in the model ("metric" and "classifier" have a ``weight`` switch). ``seed`` seeds the
     distance-weighted sampler. ``pretrain_head`` is the head trained for the first
-    ``pretrain_steps`` steps (any of margin_heads.HEADS).
+    ``pretrain_steps`` steps (any of margin_heads.HEADS). ``old_embedding``: a frozen layer
+    (training.compatible.FrozenEmbedding) from the batch's images to an old model's embeddings;
+    with it the triplet loss is the harmonic one (losses/harmonic.py, FaceNet's appendix).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
@@ -137,6 +139,10 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     if pretrain_steps > 0 and loss != "triplet":
         raise ValueError("softmax pre-training (--pretrain_softmax_steps) fine-tunes with "
                          f"--loss=triplet, got --loss={loss}")
+    if old_embedding is not None and (loss != "triplet" or pretrain_steps > 0):
+        raise ValueError("--compatible_with trains with the harmonic triplet loss: it needs "
+                         f"--loss=triplet without softmax pre-training (got --loss={loss}, "
+                         f"--pretrain_softmax_steps={pretrain_steps})")
     h, w = image_size
     images = keras.Input((h, w, 3), name="images")
     labels = keras.Input((), dtype="int32", name="labels")
@@ -154,6 +160,12 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
         triplet = TripletLoss(margin=margin, distance=distance, mining=mining)
         terms["metric"] = EmbeddingLossTerm(triplet, name="triplet_loss")
         emb = terms["metric"]([emb, labels])
+    elif loss == "triplet" and old_embedding is not None:
+        from losses.harmonic import HarmonicTripletLossLayer
+
+        terms["triplet"] = HarmonicTripletLossLayer(margin=margin, distance=distance, mining=mining,
+                                                    name="harmonic_triplet_loss")
+        emb = terms["triplet"]([emb, old_embedding(images), labels])
     elif loss == "triplet":
         terms["triplet"] = TripletLossLayer(margin=margin, distance=distance, mining=mining,
                                             name="triplet_loss")

@@ -51,6 +51,7 @@ class TrainSettings:
     center_weight: float
     pretrain_softmax_steps: int
     pretrain_head: str
+    compatible_with: str  # an old export or model_dir (harmonic embeddings), or None
     # the optimiser
     optimizer: str
     learning_rate: float
@@ -111,7 +112,7 @@ class TrainSettings:
         config.json)."""
         return {"optimizer": self.optimizer, "loss": self.loss,
                 "pretrain_softmax_steps": self.pretrain_softmax_steps,
-                "pretrain_head": self.pretrain_head}
+                "pretrain_head": self.pretrain_head, "compatible_with": self.compatible_with}
 
     def run_config(self):
         """The network these settings describe, as stored in config.json."""

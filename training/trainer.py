@@ -67,7 +67,7 @@ def open_model_dir(settings):
 class Trainer:
     """Owns the model, optimiser, checkpoints and logs of one run."""
 
-    def __init__(self, tf, settings, strategy, num_classes=None):
+    def __init__(self, tf, settings, strategy, num_classes=None, old_model=None):
         from training.objectives import build_train_model
         from training.optim import make_optimizer
         from training.run_config import checkpoint_dir
@@ -78,14 +78,20 @@ class Trainer:
         self.config = settings.run_config()
         self.strategy = strategy
         self.total_steps = settings.total_steps
+        self.old_model = old_model  # training.compatible.OldModel of --compatible_with, or None
         with strategy.scope():
             self.backbone = self.config.build_model()
+            old_embedding = None
+            if old_model is not None:
+                from training.compatible import FrozenEmbedding
+
+                old_embedding = FrozenEmbedding(old_model.path, old=old_model, name="old_model")
             self.train_model, self.terms = build_train_model(
                 self.backbone, self.config.image_size, s.loss, num_classes, margin=s.triplet_margin,
                 distance=s.distance, mining=s.mining, loss_margin=s.loss_margin,
                 head_scale=s.head_scale, head_margin=s.head_margin,
                 center_weight=s.center_weight, pretrain_steps=s.pretrain_softmax_steps,
-                pretrain_head=s.pretrain_head, seed=s.seed)
+                pretrain_head=s.pretrain_head, seed=s.seed, old_embedding=old_embedding)
             optimizer = make_optimizer(s.optimizer, s.learning_rate, self.total_steps,
                                        s.lr_schedule, s.momentum, s.weight_decay,
                                        s.warmup_steps)
@@ -189,8 +195,13 @@ def export(trainer, threshold, desc):
     """The SavedModel of the trained backbone at model_dir/export (training/export.py)."""
     from training.export import export_metadata, export_saved_model
 
+    compatible = None
+    if trainer.old_model is not None:
+        from training.compatible import old_identity
+
+        compatible = old_identity(trainer.old_model)
     meta = export_metadata(trainer.config, step=trainer.step, data=desc.get("data"),
-                           crop=desc.get("crop"))
+                           crop=desc.get("crop"), compatible_with=compatible)
     return export_saved_model(trainer.backbone, os.path.join(trainer.settings.model_dir, "export"),
                               trainer.config.image_size, meta, threshold)
 
@@ -219,9 +230,17 @@ def run(tf, settings, t_start):
     from training.objectives import needs_classes
 
     with_classifier = needs_classes(s.loss, s.pretrain_softmax_steps)
+    old_model = None
+    if s.compatible_with and not s.projector_only:
+        from training.compatible import load_old_model
+
+        old_model = load_old_model(tf, s.compatible_with, s.embedding_size)
+        logging.info("harmonic embeddings: compatible with the frozen %s %s (%s at %s)",
+                     old_model.kind, old_model.path, old_model.metadata.get("model"),
+                     old_model.image_size)
     trainer = Trainer(tf, s, strategy,
                       sources.num_classes(train_source, s.skip_damaged_shards)
-                      if with_classifier else None)
+                      if with_classifier else None, old_model=old_model)
     resumed = trainer.restore(weights_only=s.projector_only)  # all damaged: NO_CHECKPOINT
     log_dir = os.path.join(s.model_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
