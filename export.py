@@ -2,17 +2,10 @@
 
     python export.py --model_dir runs/tiny [--checkpoint PREFIX] [--export_dir DIR] [--threshold T]
 
-Signatures of the export:
-- ``serving_default``: ``images`` float32 [N, H, W, 3], RGB in 0..255 -> ``embeddings`` float32 [N, D]
-  (the training preprocessing, data/preprocess.py, runs inside the graph);
-- ``embed_jpeg``: ``images`` string [N] of encoded JPEG/PNG/BMP/GIF/WebP bytes -> ``embeddings``,
-  with decode, resize to H x W and the same preprocessing in-graph.
-
-Also stored: ``assets/facenet.json`` (model name, image size, embedding size, preprocessing, the
-validation-chosen verification threshold in squared L2 distance, and ``crop``: how the training
-faces were cut from photos, from the aligned folder's align_settings.json, or null) and, as
-attributes of the loaded
-object, ``threshold`` (float32 scalar variable, NaN when unknown) and ``image_size`` (int32 [2]).
+Re-exports any checkpoint of a train.py ``--model_dir`` (default: the newest intact one) with
+the threshold and crop the run recorded; a run trained ``--compatible_with`` an old model stays
+compatible. The SavedModel's signatures (``serving_default``, ``embed_jpeg``) and its
+``assets/facenet.json`` are described in training/export.py, the library this CLI drives.
 """
 import json
 import os

@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (test modules never import each other).
 
 - The repository and the CLI subprocess environment: `REPO`, `subprocess_env`.
+- Face folders for the evaluation tests: `write_colour_faces` (LFW-style folders of coloured
+  patches, one colour per identity) and `write_two_fold_pairs` (a View 2 pairs.txt over them).
 - Embeddings: `gaussian_clusters` (unit embeddings around random centres) and `random_batch`
   (float32 unit embeddings [B, D] and int32 labels [B] of uneven identities).
 - References for the losses: `brute_force` (loss and stats of one batch by an explicit loop over
@@ -33,6 +35,31 @@ def gaussian_clusters(num_ids, per_id, dim=16, spread=0.01, seed=0):
     emb = centres[labels] + spread * rng.normal(size=(labels.size, dim))
     return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
 
+
+
+def write_colour_faces(root, rng, names, colours, per_id, jitter):
+    """LFW-style ``root/<name>/<name>_000k.png``, 40 x 36 px: grey noise with a patch of the
+    identity's colour, each channel moved by up to ``jitter`` per image."""
+    from PIL import Image
+
+    for name, colour in zip(names, colours):
+        os.makedirs(os.path.join(root, name))
+        for k in range(1, per_id + 1):
+            img = rng.integers(100, 156, size=(40, 36, 3)).astype(np.uint8)
+            img[6:34, 6:30] = np.clip(np.array(colour) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
+            Image.fromarray(img).save(os.path.join(root, name, f"{name}_{k:04d}.png"))
+
+
+def write_two_fold_pairs(path, names):
+    """A View 2 pairs.txt with 2 folds of 3 matched and 3 mismatched pairs over six ``names``."""
+    from data.pairs import write_pairs
+
+    folds = []
+    for f in range(2):
+        matched = [(names[(f * 3 + i) % 6], 1, 2 + i % 3) for i in range(3)]
+        mismatched = [(names[i], 1 + f, names[(i + 1 + f) % 6], 3) for i in range(f, f + 3)]
+        folds.append((matched, mismatched))
+    write_pairs(path, folds)
 
 # ----------------------------------------------------------------------------- reference
 def _pairs(labels):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import write_colour_faces, write_two_fold_pairs
+
 H, W, D = 24, 20, 8
 NAMES = ["Ann_A", "Bob_B", "Cid_C", "Dee_D", "Eve_E", "Fay_F"]
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 40, 220), (220, 220, 30), (200, 40, 210),
@@ -62,35 +64,15 @@ def _save_export(export_dir, with_json=True):
     return model
 
 
-def _write_faces(root, rng):
-    for name, colour in zip(NAMES, COLOURS):
-        os.makedirs(os.path.join(root, name))
-        for k in range(1, PER_ID + 1):
-            img = rng.integers(100, 156, size=(40, 36, 3)).astype(np.uint8)
-            img[6:34, 6:30] = np.clip(np.array(colour) + rng.integers(-8, 9, 3), 0, 255)
-            Image.fromarray(img).save(os.path.join(root, name, f"{name}_{k:04d}.png"))
-
-
-def _write_pairs_file(path):
-    from data.pairs import write_pairs
-
-    folds = []
-    for f in range(2):
-        matched = [(NAMES[(f * 3 + i) % 6], 1, 2 + i % 3) for i in range(3)]
-        mismatched = [(NAMES[i], 1 + f, NAMES[(i + 1 + f) % 6], 3) for i in range(f, f + 3)]
-        folds.append((matched, mismatched))
-    write_pairs(path, folds)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     export_dir = str(root / "export")
     model = _save_export(export_dir)
     lfw = str(root / "lfw")
-    _write_faces(lfw, np.random.default_rng(0))
+    write_colour_faces(lfw, np.random.default_rng(0), NAMES, COLOURS, PER_ID, jitter=8)
     pairs = str(root / "pairs.txt")
-    _write_pairs_file(pairs)
+    write_two_fold_pairs(pairs, NAMES)
     return {"root": root, "export": export_dir, "lfw": lfw, "pairs": pairs, "model": model}
 
 

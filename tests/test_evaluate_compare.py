@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, subprocess_env, write_colour_faces, write_two_fold_pairs
 
 H, W, D = 24, 20, 8
 NAMES = ["Ann_A", "Bob_B", "Cid_C", "Dee_D", "Eve_E", "Fay_F"]
@@ -53,33 +53,13 @@ def _export(path, seed, dim=D, mix=0.3):
     return path
 
 
-def _write_faces(root, rng):
-    for name, colour in zip(NAMES, COLOURS):
-        os.makedirs(os.path.join(root, name))
-        for k in range(1, PER_ID + 1):
-            img = rng.integers(100, 156, size=(40, 36, 3)).astype(np.uint8)
-            img[6:34, 6:30] = np.clip(np.array(colour) + rng.integers(-40, 41, 3), 0, 255)
-            Image.fromarray(img).save(os.path.join(root, name, f"{name}_{k:04d}.png"))
-
-
-def _write_pairs_file(path):
-    from data.pairs import write_pairs
-
-    folds = []
-    for f in range(2):
-        matched = [(NAMES[(f * 3 + i) % 6], 1, 2 + i % 3) for i in range(3)]
-        mismatched = [(NAMES[i], 1 + f, NAMES[(i + 1 + f) % 6], 3) for i in range(f, f + 3)]
-        folds.append((matched, mismatched))
-    write_pairs(path, folds)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     lfw = str(root / "lfw")
-    _write_faces(lfw, np.random.default_rng(0))
+    write_colour_faces(lfw, np.random.default_rng(0), NAMES, COLOURS, PER_ID, jitter=40)
     pairs = str(root / "pairs.txt")
-    _write_pairs_file(pairs)
+    write_two_fold_pairs(pairs, NAMES)
     return {"new": _export(str(root / "new"), seed=1), "old": _export(str(root / "old"), seed=2),
             "wide": _export(str(root / "wide"), seed=3, dim=2 * D), "lfw": lfw, "pairs": pairs}
 
@@ -221,20 +201,26 @@ def test_cli_json_summary_and_plot(setup, tmp_path):
     assert any(line.startswith("compared with (old): tiny_seed2") for line in lines)
 
 
-def test_embedding_size_mismatch_is_one_line_bad_export(setup, capsys):
+def _exit_code(setup, compare_export_dir):
+    """evaluate.main on the LFW set with --compare_export_dir; the exit code it ends with."""
     import evaluate
-    from exit_codes import BAD_EXPORT
 
     flags = evaluate.FLAGS
     flags.unparse_flags()
-    flags(["evaluate.py", f"--export_dir={setup['new']}", f"--compare_export_dir={setup['wide']}"]
-          + _lfw(setup))
+    flags(["evaluate.py", f"--export_dir={setup['new']}",
+           f"--compare_export_dir={compare_export_dir}"] + _lfw(setup))
     try:
         with pytest.raises(SystemExit) as exit_info:
             evaluate.main(["evaluate.py"])
     finally:
         flags.unparse_flags()
-    assert exit_info.value.code == BAD_EXPORT == 2
+    return exit_info.value.code
+
+
+def test_embedding_size_mismatch_is_one_line_bad_export(setup, capsys):
+    from exit_codes import BAD_EXPORT
+
+    assert _exit_code(setup, setup["wide"]) == BAD_EXPORT == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1, err
     assert err[0].startswith("evaluate.py: error: --compare_export_dir")
@@ -242,21 +228,10 @@ def test_embedding_size_mismatch_is_one_line_bad_export(setup, capsys):
 
 
 def test_missing_compare_export_fails_before_tensorflow(setup, tmp_path, capsys):
-    import evaluate
-
-    flags = evaluate.FLAGS
     empty = tmp_path / "empty"
     empty.mkdir()
     for bad, why in ((tmp_path / "nope", "no such folder"), (empty, "not a SavedModel")):
-        flags.unparse_flags()
-        flags(["evaluate.py", f"--export_dir={setup['new']}", f"--compare_export_dir={bad}"]
-              + _lfw(setup))
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                evaluate.main(["evaluate.py"])
-        finally:
-            flags.unparse_flags()
-        assert exit_info.value.code == 2
+        assert _exit_code(setup, bad) == 2
         err = capsys.readouterr().err
         assert "--compare_export_dir" in err and why in err and "Traceback" not in err
 
