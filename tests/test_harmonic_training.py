@@ -157,3 +157,16 @@ def test_compatible_run_end_to_end(tmp_path, faces):
     np.testing.assert_allclose(from_dir, from_export, atol=1e-4)  # the same old model
     with pytest.raises(CliError, match="same --embedding_size"):
         load_old_model(tf, str(old_dir / "export"), 8)
+    # a damaged old export (truncated graph, truncated variables): one line, exit BAD_EXPORT
+    import shutil
+
+    from exit_codes import BAD_EXPORT
+
+    for part in ("saved_model.pb", os.path.join("variables", "variables.data-00000-of-00001")):
+        damaged = tmp_path / f"damaged_{os.path.basename(part)}"
+        shutil.copytree(old_dir / "export", damaged)
+        with open(damaged / part, "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(CliError, match="cannot load the SavedModel") as info:
+            load_old_model(tf, str(damaged), 16)
+        assert info.value.exit_code == BAD_EXPORT

@@ -21,7 +21,7 @@ import os
 
 import keras
 
-from exit_codes import USAGE, CliError
+from exit_codes import BAD_EXPORT, USAGE, CliError
 
 
 class OldModel:
@@ -49,7 +49,12 @@ def _load_export(tf, path):
     from data.preprocess import PREPROCESS_MEAN, PREPROCESS_SCALE
     from training.export import read_export_metadata
 
-    loaded = tf.saved_model.load(path)
+    try:
+        loaded = tf.saved_model.load(path)
+    except (OSError, ValueError, IndexError, tf.errors.OpError) as exc:  # damaged graph/variables
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CliError(f"--compatible_with {path}: cannot load the SavedModel ({first})",
+                       BAD_EXPORT) from exc
     if "serving_default" not in loaded.signatures:
         raise CliError(f"--compatible_with {path}: the SavedModel has no serving_default signature",
                        USAGE)
@@ -84,7 +89,8 @@ def _load_model_dir(path):
 
 def load_old_model(tf, path, embedding_size):
     """The old model at ``path`` (an export folder or a train.py model_dir), checked to give
-    ``embedding_size``-D embeddings. Raises CliError (exit code USAGE) with a one-line message."""
+    ``embedding_size``-D embeddings. Raises CliError with a one-line message: exit code
+    BAD_EXPORT for a SavedModel that does not load (damaged), USAGE otherwise."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         old = _load_export(tf, path)
