@@ -28,6 +28,8 @@ SMALL_IDENTITY_POLICIES = ("replace", "drop")
 
 # tf.distribute strategies by name (training/distribute.py).
 DISTRIBUTION_STRATEGIES = ("default", "mirrored", "multi_worker_mirrored")
+# where online mining happens under a tf.distribute strategy (losses/global_batch.py)
+MINING_SCOPES = ("global", "replica")
 
 # train.py --recipe: named sets of defaults (training/recipes.py); auto picks real or synthetic.
 RECIPES = ("auto", "real", "paper", "synthetic")

@@ -17,8 +17,8 @@ import sys
 from absl import flags
 
 from choices import (ALIGNMENTS, DISTANCES, DISTRIBUTION_STRATEGIES, HEADS, LINKAGES, LOSSES,
-                     LR_SCHEDULES, MINING_STRATEGIES, MODEL_NAMES, NORMALIZATIONS, OPTIMIZERS, RECIPES,
-                     SMALL_IDENTITY_POLICIES)
+                     LR_SCHEDULES, MINING_SCOPES, MINING_STRATEGIES, MODEL_NAMES, NORMALIZATIONS,
+                     OPTIMIZERS, RECIPES, SMALL_IDENTITY_POLICIES)
 from exit_codes import CliError
 
 FLAGS = flags.FLAGS
@@ -180,9 +180,19 @@ def define_train_flags():
     flags.DEFINE_enum("cache_images", "auto", ("auto", "memory", "off"),
                       "Decode the training images once and keep them in memory (data/"
                       "memory_cache.py). auto: when they take at most a quarter of the RAM.")
-    flags.DEFINE_boolean("mixed_precision", False, "Use the mixed_float16 policy.")
+    flags.DEFINE_boolean("mixed_precision", False,
+                         "Mixed precision: mixed_float16 on a GPU, mixed_bfloat16 on a CPU (the "
+                         "losses and their mining run in float32).")
+    flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step.")
     flags.DEFINE_enum("distribution_strategy", "default", DISTRIBUTION_STRATEGIES,
-                      "tf.distribute strategy; mining happens per replica.")
+                      "tf.distribute strategy (README: Scaling out).")
+    flags.DEFINE_enum("mining_scope", "global", MINING_SCOPES,
+                      "Under a distribution strategy: global mines over the whole P x K batch "
+                      "(embeddings all-gathered across replicas and workers, FaceNet Section "
+                      "3.2); replica mines inside each replica's slice.")
+    flags.DEFINE_boolean("sync_batch_norm", False,
+                         "Batch-norm statistics over the global batch (synchronised across "
+                         "replicas) instead of each replica's slice.")
     flags.DEFINE_integer("num_cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try --distribution_"
                          "strategy=mirrored without GPUs).")

@@ -66,7 +66,10 @@ class TrainSettings:
     max_minutes: float
     # the run
     mixed_precision: bool
+    jit_compile: bool
     distribution_strategy: str
+    mining_scope: str  # "global" | "replica" (losses/global_batch.py)
+    sync_batch_norm: bool
     num_cpu_devices: int
     keep_checkpoints: int
     projector_images: int
