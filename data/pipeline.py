@@ -57,7 +57,7 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
                      augment: bool = True, seed=None, small_identities: str = "replace",
                      crop_fraction: float = 0.875, flip: bool = True, photometric: bool = False,
                      num_parallel_calls=tf.data.AUTOTUNE, prefetch=tf.data.AUTOTUNE, images=None,
-                     skip_damaged_shards=False):
+                     skip_damaged_shards=False, rows=None):
     """Infinite dataset of identity-balanced batches (FaceNet Section 3.2).
 
     Args:
@@ -83,10 +83,13 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
       skip_damaged_shards: TFRecord sources: train on the records before the damage of a
         truncated/corrupt shard (one warning per shard, counting what was lost) instead of raising
         :class:`data.tfrecords.DamagedShardError` naming it.
+      rows: optional (start, stop): keep only these rows of every P x K batch, selected before
+        any decoding (one worker's share of the global batch, data/distributed.py); the rows
+        kept are exactly those of the full batch, pixels included.
     Returns:
       tf.data.Dataset of ``(images float32 [P*K, H, W, 3] preprocessed as data.preprocess,
       labels int32 [P*K])``; labels are the source's class indices; images of one identity are
-      contiguous (identity p occupies rows p*K .. p*K+K-1).
+      contiguous (identity p occupies rows p*K .. p*K+K-1). With ``rows``, [stop - start, ...].
     Raises:
       ValueError: fewer than P usable identities, bad arguments.
       data.tfrecords.DamagedShardError (a ValueError): a damaged shard, unless skip_damaged_shards.
@@ -101,6 +104,15 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
         source, skip_damaged_shards=skip_damaged_shards)
     index_batches = balanced_index_batches(labels, len(class_names), p, k, seed=seed,
                                            small_identities=small_identities)
+    n_rows = p * k
+    if rows is not None:
+        start, stop = int(rows[0]), int(rows[1])
+        if not 0 <= start < stop <= p * k:
+            raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= P*K = {p * k}, "
+                             f"got {tuple(rows)}")
+        n_rows = stop - start
+        index_batches = index_batches.map(
+            lambda idx, lab, seeds: (idx[start:stop], lab[start:stop], seeds[start:stop]))
     if items_are_bytes:
         table = tf.constant(items.tolist(), tf.string)
     else:
@@ -117,7 +129,7 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
         def gather(items_idx, batch_labels, seeds):
             """One NumPy gather per batch from the in-memory array (no copy into the graph)."""
             pixels = tf.numpy_function(lambda i: images[i], [items_idx], tf.uint8, stateful=False)
-            return tf.ensure_shape(pixels, [p * k] + cached_shape), batch_labels, seeds
+            return tf.ensure_shape(pixels, [n_rows] + cached_shape), batch_labels, seeds
 
     def load(item, label, image_seed):
         if images is not None:
@@ -138,7 +150,7 @@ def balanced_dataset(source, identities_per_batch: int, images_per_identity: int
         ds = ds.map(gather)
     ds = ds.unbatch()
     ds = ds.map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.batch(p * k, drop_remainder=True)
+    ds = ds.batch(n_rows, drop_remainder=True)
     if prefetch:
         ds = ds.prefetch(prefetch)
     return ds

@@ -127,19 +127,34 @@ def cached_images(settings, source):
                                          skip_damaged_shards=s.skip_damaged_shards)
 
 
-def batches(settings, source, epoch, images=None):
+def batches(settings, source, epoch, images=None, strategy=None):
     """One epoch of P x K training batches, ``({"images", "labels"},)`` as the train model takes
-    them; the data order and augmentation are seeded by --seed and ``epoch``."""
+    them; the data order and augmentation are seeded by --seed and ``epoch``.
+
+    With a ``strategy`` of more than one replica the result is a distributed dataset
+    (data/distributed.py): every worker builds the same global P x K batches and replica r gets
+    rows [r*B/N, (r+1)*B/N) of each (images float32 [B/N, H, W, 3], labels int32 [B/N]); with
+    no strategy or one replica, the plain dataset. A P x K that the data cannot fill or that does
+    not split over the replicas (--mining_scope) raises CliError (one line).
+    """
+    from data.distributed import distribute_balanced
     from data.pipeline import balanced_dataset
 
     s = settings
-    try:
+
+    def global_batches(rows=None):
         ds = balanced_dataset(source, s.identities_per_batch, s.images_per_identity,
                               s.image_size, augment=s.augment,
                               seed=s.seed * 1_000_003 + epoch,
                               small_identities=s.small_identities,
                               crop_fraction=s.crop_fraction, photometric=s.photometric,
-                              images=images, skip_damaged_shards=s.skip_damaged_shards)
+                              images=images, skip_damaged_shards=s.skip_damaged_shards,
+                              rows=rows)
+        return ds.map(lambda x, y: ({"images": x, "labels": y},))
+
+    try:  # under a strategy, balanced_dataset's errors come out of distribute_balanced too
+        return distribute_balanced(strategy, global_batches, s.identities_per_batch,
+                                   s.images_per_identity, mining_scope=s.mining_scope,
+                                   selects_rows=True)
     except ValueError as exc:  # P x K the data cannot fill, bad sizes: a user error, one line
         raise CliError(str(exc)) from exc
-    return ds.map(lambda x, y: ({"images": x, "labels": y},))
