@@ -9,9 +9,12 @@ triplet loss: new embeddings compatible with an old frozen model's, and its Laye
 that followed FaceNet: `pair_losses` (contrastive, lifted structured, soft-margin batch-hard,
 distance-weighted) and `margin_heads` (softmax, center loss, NormFace, SphereFace, CosFace,
 ArcFace heads over the embedding); `wrapper` (the Keras Loss form shared by the batch losses);
-`empty_batch` makes every batch loss 0 on an empty batch.
+`empty_batch` makes every batch loss 0 on an empty batch; `global_batch` (under a tf.distribute
+strategy, the global batch all-gathered from the replicas, so mining sees the whole batch:
+`mining_scope="global"`, or each replica's slice: "replica").
 """
 from losses.distances import DISTANCES, pairwise_distances
+from losses.global_batch import MINING_SCOPES, gather_global, num_replicas
 from losses.harmonic import (HarmonicTripletLossLayer, harmonic_triplet_loss,
                              harmonic_triplet_loss_with_stats)
 from losses.layer import TripletLossLayer
@@ -33,6 +36,7 @@ __all__ = [
     "TriHardLoss", "contrastive_loss", "distance_weighted_loss", "distance_weighted_sampling",
     "lifted_structured_loss", "make_head", "trihard_loss",
     "HarmonicTripletLossLayer", "harmonic_triplet_loss", "harmonic_triplet_loss_with_stats",
+    "MINING_SCOPES", "gather_global", "num_replicas",
     "DISTANCES", "STAT_KEYS", "STRATEGIES", "TripletHardLoss", "TripletLoss", "TripletLossLayer",
     "TripletSemiHardLoss", "masked_maximum", "masked_minimum", "mine_all", "mine_hard",
     "mine_semi_hard", "mine_semi_hard_paper", "negative_mask", "pairwise_distances",

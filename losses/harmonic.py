@@ -28,11 +28,17 @@ so the normalisation, statistics (`losses.STAT_KEYS`, counted over the 2B set: `
 that of the doubled batch), empty-batch handling and seeding are those of `losses.triplet`. The
 distance matrix is [2B, 2B]; nothing is [B, B, B] (batch-all uses the O(B^2)-memory sums of
 `losses.mining`, as the plain loss does).
+
+Under a tf.distribute strategy, `HarmonicTripletLossLayer(mining_scope="global")` (default)
+all-gathers the new embeddings (with their gradient), the old embeddings and the labels of every
+replica, in the same replica order, and mixes the global batch (`losses.global_batch`); with
+"replica" each replica mixes and mines its own slice.
 """
 import keras
 import tensorflow as tf
 
 from losses import masks
+from losses.global_batch import gather_constant, gather_global
 from losses.layer import TripletLossLayer
 from losses.triplet import _check_args, triplet_loss_with_stats
 
@@ -137,8 +143,9 @@ class HarmonicTripletLossLayer(TripletLossLayer):
     """Adds the harmonic triplet loss of `[new_embeddings [B, D], old_embeddings [B, D],
     labels [B]]`; returns new_embeddings [B, D] unchanged.
 
-    Same arguments, statistics (Mean metrics named as `losses.STAT_KEYS`), seeding and config as
-    `TripletLossLayer`, which it runs on the mixed set (`mixed_batch`).
+    Same arguments (`mining_scope` included), statistics (Mean metrics named as
+    `losses.STAT_KEYS`), seeding and config as `TripletLossLayer`, which it runs on the mixed set
+    (`mixed_batch`) of the batch of its `mining_scope`.
 
         new = backbone(images); old = frozen_old_model(images)
         new = HarmonicTripletLossLayer(margin=0.2)([new, old, labels])
@@ -146,8 +153,10 @@ class HarmonicTripletLossLayer(TripletLossLayer):
 
     def call(self, inputs):
         new_embeddings, old_embeddings, labels = inputs
-        mixed_labels, mixed = mixed_batch(labels, new_embeddings, old_embeddings)
-        super().call([mixed, mixed_labels])  # adds the loss and updates the statistics
+        new, labels = gather_global(new_embeddings, labels, self.mining_scope)
+        old = gather_constant(old_embeddings, self.mining_scope)  # frozen: no gradient
+        mixed_labels, mixed = mixed_batch(labels, new, old)
+        self._add_triplet_loss(mixed, mixed_labels)  # adds the loss and updates the statistics
         return new_embeddings
 
     def compute_output_spec(self, inputs):

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from choices import HEADS  # the names, defined once (TF-free; flags.py offers them)
 from losses import masks
+from losses.global_batch import gather_constant
 
 _SIN_EPS = 1e-7  # floor of 1 - cos^2 under the sqrt: only hit within ~1 float32 ulp of cos = +-1
 
@@ -372,19 +373,27 @@ class ArcFaceHead(_ClassifierHead):
 
 
 class _CenterMixin:
-    """Non-trainable centers [C, D], the weighted center loss via add_loss, the alpha update."""
+    """Non-trainable centers [C, D], the weighted center loss via add_loss, the alpha update
+    (from the global batch under a tf.distribute strategy)."""
 
     def _build_centers(self, dim):
         self.centers = self.add_weight(name="centers", shape=(self.num_classes, int(dim)),
                                        initializer="zeros", trainable=False)
 
     def _add_center_loss(self, embeddings, labels, training):
+        if training:
+            # Under a strategy every replica moves the centers with the whole global batch
+            # (losses/global_batch.py), so their copies stay equal (the single-device update).
+            # Gathered before add_loss: the replicas' threads switch at each collective, and the
+            # layer's loss list is shared between them (losses.global_batch.ReplicaLocalLosses).
+            all_labels, all_embeddings = gather_constant(labels), gather_constant(embeddings)
         centers = tf.convert_to_tensor(self.centers)
         loss = center_loss(labels, embeddings, centers)
         self.add_loss(self.center_weight * loss)
         self.center_tracker.update_state(loss)
         if training:
-            self.centers.assign(center_update(labels, embeddings, centers, self.center_alpha))
+            self.centers.assign(center_update(all_labels, all_embeddings, centers,
+                                              self.center_alpha))
 
 
 @keras.saving.register_keras_serializable(package="facenet")

@@ -23,7 +23,9 @@ unit-sphere margins quoted below assume L2-normalised embeddings. Memory is O(B^
 [B, B, B] tensor is built, and all randomness is in-graph and seedable (stateless ops).
 
 Each function has a Keras form (ContrastiveLoss, LiftedStructuredLoss, TriHardLoss,
-DistanceWeightedLoss), a thin `losses.wrapper.LossFunctionWrapper` subclass.
+DistanceWeightedLoss), a thin `losses.wrapper.LossFunctionWrapper` subclass; its `mining_scope`
+("global", default, or "replica") says whether, under a tf.distribute strategy, the pairs are
+formed over the global batch or inside each replica's slice (`losses.global_batch`).
 """
 import keras
 import tensorflow as tf
@@ -220,10 +222,11 @@ class ContrastiveLoss(LossFunctionWrapper):
     """Keras form of `contrastive_loss`: `loss(y_true=labels, y_pred=embeddings)` -> scalar."""
 
     def __init__(self, margin=1.0, distance="l2", name=None, reduction="sum_over_batch_size",
-                 dtype=None):
+                 dtype=None, mining_scope="global"):
         _check_distance(distance)
         super().__init__(contrastive_loss, name=name or "contrastive_loss", reduction=reduction,
-                         dtype=dtype, margin=float(margin), distance=distance)
+                         dtype=dtype, mining_scope=mining_scope, margin=float(margin),
+                         distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
@@ -231,10 +234,11 @@ class LiftedStructuredLoss(LossFunctionWrapper):
     """Keras form of `lifted_structured_loss`."""
 
     def __init__(self, margin=1.0, distance="l2", name=None, reduction="sum_over_batch_size",
-                 dtype=None):
+                 dtype=None, mining_scope="global"):
         _check_distance(distance)
         super().__init__(lifted_structured_loss, name=name or "lifted_structured_loss",
-                         reduction=reduction, dtype=dtype, margin=float(margin), distance=distance)
+                         reduction=reduction, dtype=dtype, mining_scope=mining_scope,
+                         margin=float(margin), distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
@@ -242,10 +246,10 @@ class TriHardLoss(LossFunctionWrapper):
     """Keras form of `trihard_loss` (batch-hard, soft margin)."""
 
     def __init__(self, distance="l2", name="trihard_loss", reduction="sum_over_batch_size",
-                 dtype=None):
+                 dtype=None, mining_scope="global"):
         _check_distance(distance)
         super().__init__(trihard_loss, name=name, reduction=reduction, dtype=dtype,
-                         distance=distance)
+                         mining_scope=mining_scope, distance=distance)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
@@ -260,10 +264,11 @@ class DistanceWeightedLoss(LossFunctionWrapper):
 
     def __init__(self, loss="margin", margin=0.2, beta=1.2, cutoff=0.5, nonzero_loss_cutoff=1.4,
                  seed=None, name="distance_weighted_loss", reduction="sum_over_batch_size",
-                 dtype=None):
+                 dtype=None, mining_scope="global"):
         _check_sampled_loss(loss)
         super().__init__(
-            distance_weighted_loss, name=name, reduction=reduction, dtype=dtype, loss=loss,
+            distance_weighted_loss, name=name, reduction=reduction, dtype=dtype,
+            mining_scope=mining_scope, loss=loss,
             margin=float(margin), beta=float(beta), cutoff=float(cutoff),
             nonzero_loss_cutoff=None if nonzero_loss_cutoff is None else float(nonzero_loss_cutoff),
             seed=None if seed is None else int(seed))
@@ -271,3 +276,6 @@ class DistanceWeightedLoss(LossFunctionWrapper):
 
     def _call_kwargs(self):
         return dict(super()._call_kwargs(), seed=next_seed(self._seed_generator))
+
+    def _draws_at_random(self):
+        return True

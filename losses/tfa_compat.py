@@ -108,10 +108,11 @@ class TripletSemiHardLoss(LossFunctionWrapper):
     """
 
     def __init__(self, margin=1.0, distance_metric="L2", name="triplet_semihard_loss",
-                 reduction="none", dtype=None, **kwargs):
+                 reduction="none", dtype=None, mining_scope="global", **kwargs):
         _check_metric(distance_metric)
         super().__init__(triplet_semihard_loss, name=name, reduction=reduction or "none",
-                         dtype=dtype, margin=float(margin), distance_metric=distance_metric)
+                         dtype=dtype, mining_scope=mining_scope, margin=float(margin),
+                         distance_metric=distance_metric)
 
 
 @keras.saving.register_keras_serializable(package="facenet")
@@ -119,8 +120,8 @@ class TripletHardLoss(LossFunctionWrapper):
     """Drop-in for `tfa.losses.TripletHardLoss(margin=1.0, soft=False, distance_metric="L2")`."""
 
     def __init__(self, margin=1.0, soft=False, distance_metric="L2", name="triplet_hard_loss",
-                 reduction="none", dtype=None, **kwargs):
+                 reduction="none", dtype=None, mining_scope="global", **kwargs):
         _check_metric(distance_metric)
         super().__init__(triplet_hard_loss, name=name, reduction=reduction or "none",
-                         dtype=dtype, margin=float(margin), soft=bool(soft),
+                         dtype=dtype, mining_scope=mining_scope, margin=float(margin), soft=bool(soft),
                          distance_metric=distance_metric)

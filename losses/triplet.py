@@ -172,20 +172,26 @@ class TripletLoss(LossFunctionWrapper):
 
     The triplet loss is a batch-level scalar; `call` returns it as a scalar, which Keras' reductions
     leave unchanged, so the result equals `triplet_loss(...)` exactly. Sample weights scale it.
+    `mining_scope` ("global" | "replica") and the division by the number of replicas under a
+    tf.distribute strategy: see `losses.wrapper`.
     """
 
     def __init__(self, margin=0.2, distance="squared_l2", mining="semi_hard", soft=False,
-                 seed=None, name="triplet_loss", reduction="sum_over_batch_size", dtype=None):
+                 seed=None, name="triplet_loss", reduction="sum_over_batch_size", dtype=None,
+                 mining_scope="global"):
         _check_args(mining, soft, distance)
         if callable(distance):
             raise ValueError("TripletLoss needs a named distance to be serialisable; use "
                              "losses.TripletSemiHardLoss for a callable distance.")
         super().__init__(triplet_loss, name=name, reduction=reduction, dtype=dtype,
-                         margin=float(margin), distance=distance, mining=mining, soft=bool(soft),
-                         seed=None if seed is None else int(seed))
+                         mining_scope=mining_scope, margin=float(margin), distance=distance,
+                         mining=mining, soft=bool(soft), seed=None if seed is None else int(seed))
         # Only the paper window draws at random: a new seed per call, the sequence from `seed`.
         self._seed_generator = seeding.seed_generator(
             self.seed if mining == "semi_hard_paper" else None)
 
     def _call_kwargs(self):
         return dict(super()._call_kwargs(), seed=seeding.next_seed(self._seed_generator))
+
+    def _draws_at_random(self):
+        return self.mining == "semi_hard_paper"

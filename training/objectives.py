@@ -18,6 +18,23 @@ indices (the balanced pipeline provides both). The backbone alone is exported: h
 for that many steps, then the classifier is switched off and the triplet loss fine-tunes.
 Both terms live in one model with one optimiser, weighted by non-trainable 0/1 switches that
 :class:`PhaseSwitch` sets from the global step, so a resumed run is exact in either phase.
+
+Distribution (``--mining_scope``). Under a tf.distribute strategy with N replicas, each replica
+runs the model on its slice of the global batch and Keras divides every ``add_loss`` term by N
+before the optimiser sums the replicas' gradients.
+  * Metric losses (triplet, harmonic triplet, contrastive, lifted, trihard, distance_weighted):
+    with ``mining_scope="global"`` (default) every replica all-gathers the embeddings and labels
+    and computes the loss of the global batch (FaceNet Section 3.2: mining over the whole batch);
+    the summed gradient is the single-device gradient of the global batch
+    (``losses/global_batch.py``). ``"replica"`` mines inside each replica's slice.
+  * Heads (:class:`ClassifierTerm`): nothing is gathered. The class weights are ordinary
+    replicated (mirrored) variables; each replica adds the mean cross-entropy of its slice, Keras
+    divides it by N, and the sum over replicas is the mean over the global batch when the slices
+    have equal sizes (always, with P x K batches split evenly). ``mining_scope`` does not apply.
+    ``softmax_center``: its center loss is a per-sample mean as well (same argument); its
+    centers (a non-trainable variable, one copy per replica) are moved by every replica with the
+    whole global batch (``losses.global_batch.gather_constant``), so the copies stay equal and
+    each step is the single-device one.
 """
 import keras
 import tensorflow as tf
@@ -25,17 +42,22 @@ import tensorflow as tf
 from choices import LOSSES, METRIC_LOSSES  # defined once (TF-free; flags.py offers them)
 from losses import TripletLoss, TripletLossLayer
 from losses import margin_heads, pair_losses
+from losses.global_batch import ReplicaLocalLosses, check_mining_scope
 
 
-def metric_loss(name, margin=None, seed=None):
-    """The keras Loss object of a metric-learning ``name`` (margin None: the loss's default)."""
-    kw = {} if margin is None else {"margin": float(margin)}
+def metric_loss(name, margin=None, seed=None, mining_scope="global"):
+    """The keras Loss object of a metric-learning ``name`` (margin None: the loss's default),
+    mining over the batch of ``mining_scope`` ("global" | "replica") under a tf.distribute
+    strategy."""
+    kw = {"mining_scope": check_mining_scope(mining_scope)}
+    if margin is not None:
+        kw["margin"] = float(margin)
     if name == "contrastive":
         return pair_losses.ContrastiveLoss(**kw)
     if name == "lifted":
         return pair_losses.LiftedStructuredLoss(**kw)
     if name == "trihard":
-        return pair_losses.TriHardLoss()
+        return pair_losses.TriHardLoss(mining_scope=kw["mining_scope"])
     if name == "distance_weighted":
         return pair_losses.DistanceWeightedLoss(seed=seed, **kw)
     raise ValueError(f"unknown metric loss {name!r}; choose from {METRIC_LOSSES}")
@@ -47,10 +69,13 @@ def needs_classes(loss, pretrain_steps=0):
     return loss in margin_heads.HEADS or pretrain_steps > 0
 
 
-class _LossTerm(keras.layers.Layer):
+class _LossTerm(ReplicaLocalLosses, keras.layers.Layer):
     """Base: ``[embeddings [B, D], labels [B]]`` -> embeddings, adding ``weight *`` a loss.
 
-    ``weight`` is a non-trainable 0/1 switch (checkpointed), set by :class:`PhaseSwitch`.
+    ``weight`` is a non-trainable 0/1 switch (checkpointed), set by :class:`PhaseSwitch`. The loss
+    terms are kept per replica (``losses.global_batch.ReplicaLocalLosses``: Keras' shared list
+    mixes the replicas' terms as soon as a cross-replica call, such as the metric losses'
+    all-gather, interleaves their forward passes).
     """
 
     def __init__(self, **kwargs):
@@ -64,7 +89,14 @@ class _LossTerm(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="facenet")
 class EmbeddingLossTerm(_LossTerm):
-    """Adds ``weight * loss(labels, embeddings)`` for a keras Loss; returns embeddings [B, D]."""
+    """Adds ``weight * loss(labels, embeddings)`` for a keras Loss; returns embeddings [B, D].
+
+    A loss of this package (``losses.wrapper.LossFunctionWrapper``) is evaluated with its
+    ``batch_loss``: the batch loss of its ``mining_scope``, not divided by the number of replicas,
+    since Keras divides ``add_loss`` terms itself (its ``__call__`` divides too, for
+    ``compile(loss=...)``; calling it here would divide twice). Another keras Loss is called as
+    usual.
+    """
 
     def __init__(self, loss, **kwargs):
         super().__init__(**kwargs)
@@ -72,7 +104,8 @@ class EmbeddingLossTerm(_LossTerm):
 
     def call(self, inputs):
         embeddings, labels = inputs
-        self.add_loss(tf.cast(self.weight, tf.float32) * self.loss_fn(labels, embeddings))
+        batch_loss = getattr(self.loss_fn, "batch_loss", self.loss_fn)
+        self.add_loss(tf.cast(self.weight, tf.float32) * batch_loss(labels, embeddings))
         return embeddings
 
     def get_config(self):
@@ -84,7 +117,8 @@ class ClassifierTerm(_LossTerm):
     """Adds ``weight * cross-entropy(labels, head([embeddings, labels]))``; returns embeddings.
 
     Also reports ``classifier_accuracy``: the top-1 accuracy of the (margin-free) cosine or
-    linear logits on the batch.
+    linear logits on the batch. Under N replicas each adds the mean over its own slice (no
+    gathering; Keras divides by N): the global mean when the slices are equal (module docstring).
     """
 
     def __init__(self, head, **kwargs):
@@ -95,7 +129,9 @@ class ClassifierTerm(_LossTerm):
     def call(self, inputs):
         embeddings, labels = inputs
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        start = len(self.head._losses)
         logits = self.head([embeddings, labels])
+        self._claim_losses(self.head, start)  # the center loss of softmax_center, kept per replica
         ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         self.add_loss(tf.cast(self.weight, tf.float32) * tf.reduce_mean(ce))
         self.accuracy.update_state(labels, logits)
@@ -120,7 +156,8 @@ def head_kwargs(name, scale=None, margin=None, center_weight=None):
 def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *, margin=0.2,
                       distance="squared_l2", mining="semi_hard", loss_margin=None,
                       head_scale=None, head_margin=None, center_weight=None,
-                      pretrain_steps=0, pretrain_head="softmax", seed=None, old_embedding=None):
+                      pretrain_steps=0, pretrain_head="softmax", seed=None, old_embedding=None,
+                      mining_scope="global"):
     """The training model and the layers that hold state to checkpoint besides the backbone.
 
     Returns ``(train_model, terms)``: ``terms`` maps "triplet" / "metric" / "classifier" to the loss
@@ -129,9 +166,13 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     ``pretrain_steps`` steps (any of margin_heads.HEADS). ``old_embedding``: a frozen layer
     (training.compatible.FrozenEmbedding) from the batch's images to an old model's embeddings;
     with it the triplet loss is the harmonic one (losses/harmonic.py, FaceNet's appendix).
+    ``mining_scope`` ("global" | "replica", ``choices.MINING_SCOPES``) goes to every metric loss:
+    under a tf.distribute strategy, mine over the global batch or inside each replica's slice
+    (heads ignore it; see the module docstring).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+    check_mining_scope(mining_scope)
     with_classifier = needs_classes(loss, pretrain_steps)
     if with_classifier and not num_classes:
         raise ValueError(f"--loss={loss} (or softmax pre-training) needs the number of identities "
@@ -157,21 +198,24 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
         emb = terms["classifier"]([emb, labels])
     if loss == "triplet" and pretrain_steps > 0:
         # A switchable term; it reports no mining statistics (TripletLossLayer does).
-        triplet = TripletLoss(margin=margin, distance=distance, mining=mining)
+        triplet = TripletLoss(margin=margin, distance=distance, mining=mining,
+                              mining_scope=mining_scope)
         terms["metric"] = EmbeddingLossTerm(triplet, name="triplet_loss")
         emb = terms["metric"]([emb, labels])
     elif loss == "triplet" and old_embedding is not None:
         from losses.harmonic import HarmonicTripletLossLayer
 
         terms["triplet"] = HarmonicTripletLossLayer(margin=margin, distance=distance, mining=mining,
+                                                    mining_scope=mining_scope,
                                                     name="harmonic_triplet_loss")
         emb = terms["triplet"]([emb, old_embedding(images), labels])
     elif loss == "triplet":
         terms["triplet"] = TripletLossLayer(margin=margin, distance=distance, mining=mining,
-                                            name="triplet_loss")
+                                            mining_scope=mining_scope, name="triplet_loss")
         emb = terms["triplet"]([emb, labels])
     elif loss in METRIC_LOSSES:
-        terms["metric"] = EmbeddingLossTerm(metric_loss(loss, loss_margin, seed), name=f"{loss}_loss")
+        terms["metric"] = EmbeddingLossTerm(metric_loss(loss, loss_margin, seed, mining_scope),
+                                            name=f"{loss}_loss")
         emb = terms["metric"]([emb, labels])
     model = keras.Model({"images": images, "labels": labels}, emb, name="facenet_train")
     return model, terms
