@@ -18,6 +18,9 @@ of these codes; a traceback means a bug. See the README's "Failure behaviour" se
     9  DAMAGED_DATA   a damaged input (e.g. a truncated TFRecord shard) without the flag to skip it
    10  NAN_LOSS       train.py: the loss became NaN/inf (3 until this release, which clashed with
                       NO_FACE)
+   11  CLUSTER        train.py, multi-worker: the workers of TF_CONFIG did not all come up within
+                      the start-up timeout, or one stopped during training (restart the whole
+                      job: it resumes from the last checkpoint)
 """
 import os
 import sys
@@ -33,6 +36,7 @@ LOCKED = 7
 NO_CHECKPOINT = 8
 DAMAGED_DATA = 9
 NAN_LOSS = 10
+CLUSTER = 11
 
 
 class CliError(Exception):

@@ -9,6 +9,11 @@ triplets can be mined inside it (FaceNet Section 3.2). A run writes into --model
 ``config.json`` (the network), ``checkpoints/`` (tf.train.CheckpointManager; step and optimiser
 state), ``logs/`` (TensorBoard scalars and the embedding projector), ``metrics.json`` (the last
 validation, with the chosen threshold) and ``export/`` (a SavedModel, see export.py).
+
+Multi-worker (--distribution_strategy=multi_worker_mirrored, README: Scaling out): start one
+train.py per worker, each with the job's TF_CONFIG (its own task) and the same flags. TF_CONFIG and
+this task's port are checked, and the chief locks --model_dir, before TensorFlow starts; the
+workers then wait for each other for at most FACENET_CLUSTER_TIMEOUT seconds (default 300).
 """
 import glob as globlib
 import os
@@ -21,11 +26,11 @@ import flags
 from cli_checks import cli_main, require_dir, require_file, require_writable_dir
 from data.dataset import EmptyDatasetError
 from data.tfrecords import DamagedShardError
-from exit_codes import DAMAGED_DATA, CliError
+from exit_codes import CLUSTER, DAMAGED_DATA, CliError
 from quiet_tf import import_tensorflow
 from training import trainer
 from training.data import is_tfrecord_source
-from training.distribute import configure_devices
+from training.distribute import STARTUP_TIMEOUT_S, configure_devices
 from training.recipes import apply_recipe, resolve_recipe
 from training.settings import TrainSettings
 
@@ -58,27 +63,131 @@ def _check_inputs():
                        f"got {FLAGS.val_fraction:g}")
 
 
-def _settings():
-    """Apply the recipe to the flags not given, then read the flags once into the run's frozen
-    TrainSettings: nothing under training/ reads flags."""
-    import models
-
+def _apply_recipe():
+    """Apply the recipe to the flags not given (TF-free); returns its name."""
     recipe = resolve_recipe(FLAGS.recipe, FLAGS.data_dir)
     recipe_flags = apply_recipe(FLAGS, recipe)
     logging.info("recipe %s%s", recipe, "".join(f" --{k}={v}" for k, v in recipe_flags.items()))
+    return recipe
+
+
+def _settings(recipe):
+    """Read the flags once into the run's frozen TrainSettings: nothing under training/ reads
+    flags."""
+    import models
+
     if FLAGS.model not in models.MODEL_NAMES:
         sys.exit(f"unknown --model {FLAGS.model!r}; choose from {models.MODEL_NAMES}")
     return TrainSettings.from_flags(FLAGS, recipe)
 
 
+def _cluster_timeout():
+    """Seconds the workers wait for each other at start-up: $FACENET_CLUSTER_TIMEOUT or 300."""
+    text = os.environ.get("FACENET_CLUSTER_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else STARTUP_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise CliError(f"FACENET_CLUSTER_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _join_cluster():
+    """--distribution_strategy=multi_worker_mirrored: this task of TF_CONFIG, checked before
+    TensorFlow starts (TF_CONFIG, this task's port; the chief locks --model_dir, another worker
+    checks that no other run holds it). None for the other strategies. Raises CliError."""
+    if FLAGS.distribution_strategy != "multi_worker_mirrored":
+        return None
+    from training.distribute import check_port_free, read_cluster
+    from training.lock import check_shared, lock_model_dir
+
+    if FLAGS.projector_only:
+        raise CliError("--projector_only runs in one process: drop "
+                       "--distribution_strategy=multi_worker_mirrored")
+    cluster = read_cluster()
+    check_port_free(cluster)
+    model_dir = FLAGS.model_dir or os.path.join("runs", FLAGS.model)  # TrainSettings' default
+    if cluster.is_chief:
+        require_writable_dir(model_dir, "--model_dir")
+        lock_model_dir(model_dir, job=cluster.job_id)
+    else:
+        check_shared(model_dir, cluster.job_id)
+    logging.info("multi-worker job of %d workers: this is %s at %s%s; waiting up to %g s for the "
+                 "others", cluster.num_workers, cluster.name, cluster.address,
+                 " (the chief)" if cluster.is_chief else "", _cluster_timeout())
+    return cluster
+
+
+def _peer_failure(tf, exc, cluster, model_dir):
+    """The CliError (exit code CLUSTER) of a collective that failed because another worker of the
+    job stopped, or None for any other error."""
+    kinds = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
+             tf.errors.CancelledError)
+    if cluster is None or not isinstance(exc, kinds):
+        return None
+    lines = [line.strip() for line in str(getattr(exc, "message", "") or exc).splitlines()
+             if line.strip() and line.strip() != "Graph execution error:"
+             and not line.strip().startswith(("Detected at node", "File "))]
+    telling = ("unhealthy", "heartbeat", "Connection refused", "failed to connect")
+    detail = next((line for line in lines if any(word in line for word in telling)),
+                  lines[0] if lines else "")
+    if "Error reported from" in detail:  # "... Error reported from /job:worker/task:1: ..."
+        detail = detail[detail.index("Error reported from"):]
+    return CliError(f"{cluster.name}: the job stopped because another of its {cluster.num_workers} "
+                    f"workers is gone ({type(exc).__name__}: {detail[:200]}); restart every "
+                    f"worker: the job resumes from the last checkpoint in {model_dir}", CLUSTER)
+
+
+def _quiet_teardown():
+    """After a CLUSTER error: silence stderr once our one line is out (atexit runs after it), so
+    that TensorFlow's coordination agent, shutting down in error at exit, does not bury it."""
+    import atexit
+
+    def silence():
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+
+    atexit.register(silence)
+
+
 def main(argv):
     del argv
+    try:
+        _main()
+    except CliError as exc:
+        if exc.exit_code == CLUSTER:
+            _quiet_teardown()
+        raise
+
+
+def _main():
     t_start = time.monotonic()
     _check_inputs()
-    tf = import_tensorflow(before_first_op=lambda tf: configure_devices(tf, FLAGS.num_cpu_devices))
-    settings = _settings()
-    trainer.open_model_dir(settings)  # lock, resume checks
-    trainer.run(tf, settings, t_start)
+    recipe = _apply_recipe()
+    cluster = _join_cluster()
+    started = {}
+
+    def before_first_op(tf):  # devices and the multi-worker server: before TensorFlow's first op
+        configure_devices(tf, FLAGS.num_cpu_devices)
+        if cluster is not None:
+            from training.distribute import start_multi_worker
+
+            started["strategy"] = start_multi_worker(tf, cluster, _cluster_timeout())
+
+    tf = import_tensorflow(before_first_op=before_first_op)
+    if cluster is not None and "strategy" not in started:
+        raise RuntimeError("TensorFlow ran before train.py could start the multi-worker server")
+    settings = _settings(recipe)
+    trainer.open_model_dir(settings, cluster)  # lock, resume checks
+    try:
+        trainer.run(tf, settings, t_start, strategy=started.get("strategy"), cluster=cluster)
+    except tf.errors.OpError as exc:
+        failure = _peer_failure(tf, exc, cluster, settings.model_dir)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 if __name__ == "__main__":

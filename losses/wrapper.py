@@ -82,7 +82,8 @@ class LossFunctionWrapper(keras.losses.Loss):
         """The batch loss, float32 scalar, never divided by the number of replicas (for
         `add_loss`, which Keras divides itself). labels [B], embeddings [B, D]."""
         with tf.name_scope(self.name):
-            return self.call(y_true, tf.convert_to_tensor(y_pred, dtype=self.dtype))
+            # cast, not convert: bfloat16/float16 embeddings (mixed precision) become float32
+            return self.call(y_true, tf.cast(y_pred, self.dtype))
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         """Keras' reduction of `call`, divided by the number of replicas where Keras did not."""

@@ -90,7 +90,8 @@ def _parse_image_size(image_size, name):
     return size
 
 
-def build_model(name, embedding_size=128, image_size=None, normalization="batch"):
+def build_model(name, embedding_size=128, image_size=None, normalization="batch",
+                sync_batch_norm=False):
     """Build FaceNet network ``name`` (one of :data:`MODEL_NAMES`) as a functional keras.Model.
 
     Args:
@@ -99,6 +100,10 @@ def build_model(name, embedding_size=128, image_size=None, normalization="batch"
       image_size: None (the model's default), an int S (SxS) or (H, W) in pixels.
       normalization: ``"batch"`` (default; BN after every conv) or ``"lrn"`` (the paper's LRN
         where the tables put "norm", no BN).
+      sync_batch_norm: with ``"batch"``, Keras ``BatchNormalization(synchronized=True)``: the
+        statistics of a training step are all-reduced over the replicas of a tf.distribute
+        strategy (the global batch), not each replica's slice. Same layers, names and weights as
+        without (checkpoints restore either way); inference is unchanged. Ignored with ``"lrn"``.
     Returns:
       keras.Model mapping float32 [N, H, W, 3] preprocessed RGB to float32 [N, embedding_size]
       with unit L2 norm per row.
@@ -108,7 +113,8 @@ def build_model(name, embedding_size=128, image_size=None, normalization="batch"
         raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
     size = _parse_image_size(image_size, name)
     return _BUILDERS[name](embedding_size=int(embedding_size), image_size=size,
-                           normalization=normalization, name=name)
+                           normalization=normalization, name=name,
+                           sync_batch_norm=bool(sync_batch_norm))
 
 
 __all__ = [

@@ -4,7 +4,10 @@ Every function takes and returns a Keras symbolic tensor [N, H, W, C] (channels 
 
 ``normalization`` is ``"batch"`` (conv without bias -> BatchNorm -> ReLU: the default, it trains
 far better from scratch) or ``"lrn"`` (the paper's version: conv with bias -> ReLU, and local
-response normalisation only where Tables 1-2 put "norm"/"rnorm").
+response normalisation only where Tables 1-2 put "norm"/"rnorm"). Inside the builders it can also
+be ``"sync_batch"`` (:func:`block_normalization`): batch norm whose statistics are all-reduced over
+the replicas of a tf.distribute strategy (Keras ``BatchNormalization(synchronized=True)``); the
+layers, their names and weights are those of ``"batch"``, so checkpoints restore across the two.
 """
 from dataclasses import dataclass
 
@@ -13,6 +16,7 @@ import keras
 from models.layers import L2Pooling2D, LocalResponseNormalization
 
 NORMALIZATIONS = ("batch", "lrn")
+SYNC_BATCH = "sync_batch"  # "batch" with synchronised statistics; not a user-facing choice
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.9  # Keras default 0.99 lags badly in short runs: inference statistics stay near init
 
@@ -22,13 +26,21 @@ def check_normalization(normalization):
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
+def block_normalization(normalization, sync_batch_norm=False):
+    """What the builders pass to the blocks: ``normalization`` (one of NORMALIZATIONS, checked),
+    or ``"sync_batch"`` for ``"batch"`` with ``sync_batch_norm``."""
+    check_normalization(normalization)
+    return SYNC_BATCH if sync_batch_norm and normalization == "batch" else normalization
+
+
 def conv_unit(x, filters, kernel, stride=1, normalization="batch", name=None):
     """Conv2D (SAME) + [BatchNorm] + ReLU. [N, H, W, Cin] -> [N, ceil(H/s), ceil(W/s), filters]."""
-    use_bn = normalization == "batch"
+    use_bn = normalization in ("batch", SYNC_BATCH)
     x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not use_bn,
                             kernel_initializer="he_normal", name=name)(x)
     if use_bn:
         x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
+                                            synchronized=normalization == SYNC_BATCH,
                                             name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 

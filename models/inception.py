@@ -28,7 +28,7 @@ therefore 896 channels wide.
 """
 import keras
 
-from models.blocks import (InceptionSpec, check_normalization, conv_unit, embedding_head,
+from models.blocks import (InceptionSpec, block_normalization, conv_unit, embedding_head,
                            inception_module, model_input, pool, rnorm)
 
 NN2_MODULES = (
@@ -59,9 +59,11 @@ def inception_stem(inputs, normalization, conv1_filters=64, conv2_reduce=64, con
     return pool(x, "max", 3, 2, name="pool2")
 
 
-def build_inception(modules, embedding_size, image_size, normalization, name):
-    """Stem + the given (name, InceptionSpec) modules + global avg pool + fc + L2."""
-    check_normalization(normalization)
+def build_inception(modules, embedding_size, image_size, normalization, name,
+                    sync_batch_norm=False):
+    """Stem + the given (name, InceptionSpec) modules + global avg pool + fc + L2.
+    ``sync_batch_norm``: batch-norm statistics over every replica (models/blocks.py)."""
+    normalization = block_normalization(normalization, sync_batch_norm)
     inputs = model_input(image_size)
     x = inception_stem(inputs, normalization)
     for module_name, spec in modules:
@@ -71,17 +73,23 @@ def build_inception(modules, embedding_size, image_size, normalization, name):
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_nn2(embedding_size=128, image_size=(224, 224), normalization="batch", name="nn2"):
+def build_nn2(embedding_size=128, image_size=(224, 224), normalization="batch", name="nn2",
+              sync_batch_norm=False):
     """NN2 of Table 2. Input [N, H, W, 3] preprocessed RGB; output [N, embedding_size], unit rows."""
-    return build_inception(NN2_MODULES, embedding_size, image_size, normalization, name)
+    return build_inception(NN2_MODULES, embedding_size, image_size, normalization, name,
+                           sync_batch_norm)
 
 
-def build_nn3(embedding_size=128, image_size=(160, 160), normalization="batch", name="nn3"):
+def build_nn3(embedding_size=128, image_size=(160, 160), normalization="batch", name="nn3",
+              sync_batch_norm=False):
     """NN3: NN2's architecture at 160x160 (Section 3.3)."""
-    return build_inception(NN2_MODULES, embedding_size, image_size, normalization, name)
+    return build_inception(NN2_MODULES, embedding_size, image_size, normalization, name,
+                           sync_batch_norm)
 
 
-def build_nn4(embedding_size=128, image_size=(96, 96), normalization="batch", name="nn4"):
+def build_nn4(embedding_size=128, image_size=(96, 96), normalization="batch", name="nn4",
+              sync_batch_norm=False):
     """NN4: NN2 at 96x96 without 5x5 convolutions in 4e, 5a and 5b (Section 3.3)."""
     modules = tuple((m, s.without_5x5() if m in NN4_NO_5X5 else s) for m, s in NN2_MODULES)
-    return build_inception(modules, embedding_size, image_size, normalization, name)
+    return build_inception(modules, embedding_size, image_size, normalization, name,
+                           sync_batch_norm)

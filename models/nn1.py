@@ -18,18 +18,19 @@ followed by :class:`~models.layers.Maxout` with 4096 units (pairs of 2), as in t
 """
 import keras
 
-from models.blocks import (check_normalization, conv_unit, embedding_head, maxout_fc, model_input,
+from models.blocks import (block_normalization, conv_unit, embedding_head, maxout_fc, model_input,
                            pool, rnorm)
 
 FC_UNITS = 32 * 128  # Table 1: "1x32x128"
 MAXOUT_PIECES = 2
 
 
-def build_nn1(embedding_size=128, image_size=(220, 220), normalization="batch", name="nn1"):
-    """NN1 of Table 1. Input [N, H, W, 3] preprocessed RGB; output [N, embedding_size], unit rows."""
-    check_normalization(normalization)
+def build_nn1(embedding_size=128, image_size=(220, 220), normalization="batch", name="nn1",
+              sync_batch_norm=False):
+    """NN1 of Table 1. Input [N, H, W, 3] preprocessed RGB; output [N, embedding_size], unit rows.
+    ``sync_batch_norm``: batch-norm statistics over every replica (models/blocks.py)."""
+    n = block_normalization(normalization, sync_batch_norm)
     inputs = model_input(image_size)
-    n = normalization
     x = conv_unit(inputs, 64, 7, 2, n, "conv1")
     x = pool(x, "max", 3, 2, name="pool1")
     x = rnorm(x, n, "rnorm1")

@@ -36,7 +36,7 @@ It always uses batch norm in its convs (there is no paper "norm" to reproduce); 
 """
 import keras
 
-from models.blocks import (InceptionSpec, check_normalization, conv_unit, embedding_head,
+from models.blocks import (InceptionSpec, block_normalization, conv_unit, embedding_head,
                            inception_module, maxout_fc, model_input, pool, rnorm)
 from models.inception import NN2_MODULES, inception_stem
 
@@ -50,9 +50,11 @@ def _scaled(spec: InceptionSpec, factor):
                          s(spec.n5x5), spec.pool, s(spec.proj), spec.stride, spec.pool_size)
 
 
-def build_nns1(embedding_size=128, image_size=(165, 165), normalization="batch", name="nns1"):
-    """NNS1 (our design, see module docstring). Output [N, embedding_size], unit rows."""
-    check_normalization(normalization)
+def build_nns1(embedding_size=128, image_size=(165, 165), normalization="batch", name="nns1",
+               sync_batch_norm=False):
+    """NNS1 (our design, see module docstring). Output [N, embedding_size], unit rows.
+    ``sync_batch_norm``: batch-norm statistics over every replica (models/blocks.py)."""
+    normalization = block_normalization(normalization, sync_batch_norm)
     inputs = model_input(image_size)
     x = inception_stem(inputs, normalization, conv1_filters=16, conv2_reduce=16, conv2_filters=48)
     for module_name, spec in NN2_MODULES:
@@ -70,10 +72,11 @@ NNS2_WIDTH = 1 / 6
 NNS2_FC_UNITS = 600
 
 
-def build_nns2(embedding_size=128, image_size=(140, 116), normalization="batch", name="nns2"):
-    """NNS2 (our design, see module docstring). Output [N, embedding_size], unit rows."""
-    check_normalization(normalization)
-    n = normalization
+def build_nns2(embedding_size=128, image_size=(140, 116), normalization="batch", name="nns2",
+               sync_batch_norm=False):
+    """NNS2 (our design, see module docstring). Output [N, embedding_size], unit rows.
+    ``sync_batch_norm``: batch-norm statistics over every replica (models/blocks.py)."""
+    n = block_normalization(normalization, sync_batch_norm)
     inputs = model_input(image_size)
     x = conv_unit(inputs, 16, 3, 2, n, "conv1")
     x = pool(x, "max", 3, 2, name="pool1")
@@ -92,10 +95,11 @@ def build_nns2(embedding_size=128, image_size=(140, 116), normalization="batch",
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_tiny(embedding_size=128, image_size=(64, 64), normalization="batch", name="tiny"):
-    """tiny: the CPU quick-start network (not in the paper). Output [N, embedding_size], unit rows."""
-    check_normalization(normalization)
-    n = normalization
+def build_tiny(embedding_size=128, image_size=(64, 64), normalization="batch", name="tiny",
+               sync_batch_norm=False):
+    """tiny: the CPU quick-start network (not in the paper). Output [N, embedding_size], unit rows.
+    ``sync_batch_norm``: batch-norm statistics over every replica (models/blocks.py)."""
+    n = block_normalization(normalization, sync_batch_norm)
     inputs = model_input(image_size)
     x = conv_unit(inputs, 32, 5, 2, n, "conv1")
     x = keras.layers.MaxPooling2D(2, padding="same", name="pool1")(x)

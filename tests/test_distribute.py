@@ -1,14 +1,20 @@
-"""training.distribute: the tf.distribute strategy from its name, and the logical CPU devices.
+"""training.distribute: the tf.distribute strategy from its name, the logical CPU devices, the
+multi-worker cluster of TF_CONFIG (parsing, the chief, the port check, worker scratch folders, the
+collectives that keep workers in step, the Keras fit shim); the model_dir lock shared by one job's
+workers; synchronised batch norm as a training option, not a network identity.
 
 Logical devices can only be configured before TensorFlow initialises its devices, which another
 test of the same process may already have done: the in-process tests use the devices as they are
-(or a stand-in for ``tf``), and the one test that splits the CPU runs in a subprocess.
+(or a stand-in for ``tf``), and the one test that splits the CPU runs in a subprocess. Real
+multi-worker jobs run in tests/test_multi_worker.py.
 """
 import json
+import os
 import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from training.distribute import STRATEGIES, configure_devices, make_strategy
@@ -121,3 +127,240 @@ def test_mirrored_over_two_logical_cpus_in_a_fresh_process():
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["cpus"] == 2
     assert info["replicas"] == (info["gpus"] or 2)
+
+
+# ----------------------------------------------------------------------------- multi-worker
+def _config(cluster, task_type="worker", index=0):
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+TWO = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}
+WITH_CHIEF = {"chief": ["10.0.0.1:2222"], "worker": ["10.0.0.2:2222", "10.0.0.3:2222"]}
+
+
+def test_tf_config_names_this_task_and_the_chief():
+    from training.distribute import parse_tf_config
+
+    first, second = (parse_tf_config(_config(TWO, index=i)) for i in (0, 1))
+    assert (first.is_chief, second.is_chief) == (True, False)  # worker 0 without a chief
+    assert (first.address, first.port, second.port) == ("127.0.0.1:2222", 2222, 2223)
+    assert first.num_workers == second.num_workers == 2
+    assert first.name == "worker 0" and first.job_id == second.job_id
+    chief = parse_tf_config(_config(WITH_CHIEF, "chief", 0))
+    worker0 = parse_tf_config(_config(WITH_CHIEF, "worker", 0))
+    assert chief.is_chief and not worker0.is_chief and chief.num_workers == 3
+    assert chief.job_id != first.job_id  # another cluster, another job
+    assert parse_tf_config(_config(TWO, index="1")).task_index == 1  # TF accepts "1" too
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, "not set"),
+    ("  ", "not set"),
+    ("{oops", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"task": {"type": "worker", "index": 0}}), '"cluster" must map'),
+    (_config({"worker": "127.0.0.1:2222"}), "non-empty list"),
+    (_config({"worker": []}), "non-empty list"),
+    (_config({"worker": ["127.0.0.1"]}), "host:port"),
+    (_config({"worker": ["127.0.0.1:0"]}), "1..65535"),
+    (_config({"worker": ["127.0.0.1:http"]}), "host:port"),
+    (_config({"ps": ["127.0.0.1:2222"], "worker": ["127.0.0.1:2223"]}), "'ps'"),
+    (_config({"chief": ["a:1", "b:1"], "worker": ["c:1"]}, "chief"), "at most one chief"),
+    (_config({"worker": ["a:1", "a:1"]}), "the same address a:1"),
+    (json.dumps({"cluster": TWO}), '"task" must name'),
+    (json.dumps({"cluster": TWO, "task": {"type": "worker"}}), '"task" must name'),
+    (_config(TWO, index=2), "(worker 2) is not in the cluster: its 'worker' list has 2"),
+    (_config(TWO, index=-1), "(worker -1) is not in the cluster"),
+    (_config(TWO, index=1.5), "must be an integer"),
+    (_config(TWO, index=True), "must be an integer"),
+    (_config(TWO, "chief", 0), "(chief 0) is not in the cluster, which has worker 0..1"),
+])
+def test_a_bad_tf_config_is_one_line_naming_the_problem(text, words):
+    from exit_codes import USAGE, CliError
+    from training.distribute import parse_tf_config
+
+    with pytest.raises(CliError) as info:
+        parse_tf_config(text)
+    assert info.value.exit_code == USAGE
+    message = str(info.value)
+    assert message.startswith("TF_CONFIG: ") and "\n" not in message
+    assert words in message, message
+
+
+def test_read_cluster_reads_the_environment():
+    from training.distribute import read_cluster
+
+    assert read_cluster({"TF_CONFIG": _config(TWO, index=1)}).task_index == 1
+
+
+def test_a_taken_port_is_refused_and_a_free_one_passes():
+    import socket
+
+    from exit_codes import CliError
+    from training.distribute import check_port_free, parse_tf_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cluster = parse_tf_config(_config({"worker": [f"127.0.0.1:{port}"]}))
+        with pytest.raises(CliError, match=f"port {port} of this task .* already in use"):
+            check_port_free(cluster)
+    check_port_free(cluster)  # released: free again (TIME_WAIT does not count)
+
+
+def test_a_worker_scratch_dir_is_its_own_and_fresh(tmp_path, monkeypatch):
+    from training.distribute import parse_tf_config, worker_scratch_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    cluster = parse_tf_config(_config(TWO, index=1))
+    a, b = worker_scratch_dir(cluster), worker_scratch_dir(cluster)
+    assert a != b and os.path.dirname(a) == str(tmp_path)
+    assert os.path.basename(a).startswith("facenet-worker1-") and os.listdir(a) == []
+
+
+def test_describe_the_split_of_the_global_batch():
+    from training.distribute import describe
+
+    def strategy(replicas, workers=1):
+        return types.SimpleNamespace(num_replicas_in_sync=replicas,
+                                     extended=types.SimpleNamespace(_num_workers=workers))
+
+    d = describe(strategy(4, 2), 1800, "global")
+    assert d == {"strategy": "SimpleNamespace", "replicas": 4, "workers": 2,
+                 "global_batch": 1800, "per_replica_batch": "450", "mining": "the global batch"}
+    assert describe(strategy(4), 1800, "replica")["mining"] == "each replica's slice"
+    assert describe(strategy(1), 64, "replica")["mining"] == "the global batch"
+    assert describe(strategy(7), 64, "global")["per_replica_batch"] == "9.14286 (not whole)"
+
+
+def test_worker_sync_agrees_on_the_chiefs_value_in_one_process():
+    import tensorflow as tf
+
+    from training.distribute import WorkerSync
+
+    strategy = tf.distribute.get_strategy()
+    assert WorkerSync(tf, strategy, is_chief=True).chief_value(17.0) == 17.0
+    sync = WorkerSync(tf, strategy, is_chief=True)
+    assert sync.gather([3.0, 4.5]).tolist() == [[3.0, 4.5]]
+    sync.barrier()
+
+
+def test_keras_fit_under_multi_worker_needs_a_built_model_and_patches_once():
+    import keras
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    from training.distribute import keras_fit_under_multi_worker
+
+    model = keras.Sequential([keras.layers.Dense(2)])  # not built
+    model.compile(optimizer="sgd")
+    with pytest.raises(RuntimeError, match="build .* before training"):
+        keras_fit_under_multi_worker(model)
+    built = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    built.compile(optimizer="sgd", loss="mse")
+    built.optimizer.build(built.trainable_variables)
+    built.fit(np.zeros((2, 3)), np.zeros((2, 2)), verbose=0)  # builds the compiled loss
+    original = keras_tf_trainer.reduce_per_replica
+    try:
+        keras_fit_under_multi_worker(built)
+        patched = keras_tf_trainer.reduce_per_replica
+        keras_fit_under_multi_worker(built)
+        assert keras_tf_trainer.reduce_per_replica is patched and patched.facenet_first
+        assert built._maybe_symbolic_build() is None
+        # one process: the patch leaves Keras' reduction as it was
+        built.fit(np.zeros((2, 3)), np.zeros((2, 2)), verbose=0)
+    finally:
+        keras_tf_trainer.reduce_per_replica = original
+
+
+# ----------------------------------------------------------------------------- model_dir lock
+def test_lock_model_dir_records_the_job_and_is_taken_once_per_process(tmp_path):
+    from training.lock import lock_model_dir
+
+    model_dir = str(tmp_path / "run")
+    held = lock_model_dir(model_dir, job="job-a")
+    try:
+        assert lock_model_dir(model_dir, job="job-a") is held  # the same process: no re-take
+        with open(held.path, encoding="utf-8") as f:
+            assert json.load(f)["job"] == "job-a"
+    finally:
+        held.release()
+
+
+def test_the_workers_of_the_locking_job_share_the_model_dir(tmp_path):
+    """A live holder (this test's parent process stands in for another job's chief)."""
+    import socket
+
+    from training.lock import LOCK_NAME, LockedError, check_shared
+
+    model_dir = str(tmp_path / "run")
+    check_shared(model_dir, "job-a")  # no lock yet: the chief takes it later
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, LOCK_NAME), "w", encoding="utf-8") as f:
+        json.dump({"pid": os.getppid(), "host": socket.gethostname(), "job": "job-a"}, f)
+    check_shared(model_dir, "job-a")
+    with pytest.raises(LockedError, match="in use by another run") as info:
+        check_shared(model_dir, "job-b")
+    assert info.value.exit_code == 7
+    with pytest.raises(LockedError):
+        check_shared(model_dir, None)
+
+
+def test_a_lock_of_a_dead_run_does_not_stop_a_worker(tmp_path):
+    import socket
+
+    from training.lock import LOCK_NAME, check_shared
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps(
+        {"pid": 2 ** 22 + 7, "host": socket.gethostname(), "job": "old-job"}))
+    check_shared(str(tmp_path), "new-job")  # stale: its chief will take it over
+
+
+# ----------------------------------------------------------------------------- sync batch norm
+def test_sync_batch_norm_changes_how_it_trains_not_what_it_is(tmp_path):
+    """Same layers, names and weights with or without synchronised batch norm: checkpoints restore
+    across the two and config.json does not record it."""
+    import keras
+    import tensorflow as tf
+
+    import models
+    from training.run_config import RunConfig
+
+    config = RunConfig("tiny", (16, 16), 8, "batch")
+    keras.utils.set_random_seed(0)
+    plain = config.build_model()
+    synced = config.build_model(sync_batch_norm=True)
+    bn = [l for l in synced.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bn and all(l.synchronized for l in bn)
+    assert not any(l.synchronized for l in plain.layers
+                   if isinstance(l, keras.layers.BatchNormalization))
+    assert [w.path for w in plain.weights] == [w.path for w in synced.weights]
+    x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    for source, target in ((plain, synced), (synced, plain)):
+        prefix = tf.train.Checkpoint(model=source).write(str(tmp_path / f"ck-{source.name}"))
+        tf.train.Checkpoint(model=target).read(prefix).assert_existing_objects_matched()
+        np.testing.assert_allclose(target(x, training=False), source(x, training=False),
+                                   atol=1e-6)
+    assert "sync" not in json.dumps(config.to_json())
+    lrn = models.build_model("tiny", 8, 16, normalization="lrn", sync_batch_norm=True)
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in lrn.layers)
+
+
+def test_jit_compile_is_refused_for_several_replicas_on_the_cpu():
+    from exit_codes import CliError
+    from training.distribute import check_jit
+
+    def tf_with(gpus):
+        return types.SimpleNamespace(config=types.SimpleNamespace(
+            list_logical_devices=lambda kind: list(gpus) if kind == "GPU" else ["CPU:0"]))
+
+    two = types.SimpleNamespace(num_replicas_in_sync=2)
+    one = types.SimpleNamespace(num_replicas_in_sync=1)
+    with pytest.raises(CliError, match="--jit_compile with 2 replicas on the CPU"):
+        check_jit(tf_with([]), two, True)
+    check_jit(tf_with([]), two, False)
+    check_jit(tf_with([]), one, True)  # one replica: no collective to compile
+    check_jit(tf_with(["GPU:0", "GPU:1"]), two, True)  # left to XLA on GPUs

@@ -8,6 +8,10 @@ first read in full with ``tf.train.load_checkpoint`` (every tensor, which checks
 without touching the model: a read error means "damaged", while an error of the restore itself (a
 network that does not match) is the caller's and propagates.
 
+Multi-worker jobs (training/trainer.py): the chief picks the checkpoint and every worker restores
+that one from the chief's folder (:func:`restore_chiefs_choice`); a non-chief worker saves into a
+scratch folder that is deleted right away (:func:`save_and_discard`).
+
 Used by train.py (resume), export.py and evaluate.py --model_dir. Damaged checkpoints are never
 deleted: read-only users (export, evaluate, train.py --projector_only) leave them in place; the
 training run, which holds the model_dir lock, moves them into ``DIR/damaged/`` and rewrites the
@@ -17,10 +21,12 @@ and a new checkpoint of the same step cannot overwrite them. Either way one warn
 import glob
 import os
 import re
+import shutil
+import tempfile
 
 from absl import logging
 
-from exit_codes import NO_CHECKPOINT, CliError
+from exit_codes import CLUSTER, NO_CHECKPOINT, CliError
 
 DAMAGED_SUBDIR = "damaged"
 STATE_NAME = "checkpoint"
@@ -185,3 +191,51 @@ def require_intact(prefix):
     if reason is not None:
         raise NoCheckpointError(f"checkpoint {prefix} does not restore: {reason}")
     return prefix
+
+
+def save_and_discard(checkpoint, step, scratch):
+    """A non-chief worker's checkpoint: saved as the chief saves its own
+    (tf.train.CheckpointManager, number ``step``: saving can involve collectives, so every worker
+    must), into a fresh folder
+    under ``scratch`` that is deleted right after (TensorFlow's multi-worker Keras pattern)."""
+    import tensorflow as tf
+
+    folder = tempfile.mkdtemp(prefix="ckpt-", dir=scratch)
+    try:
+        tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1).save(checkpoint_number=step)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore_chiefs_choice(checkpoint, directory, sync, task_name, step_fn):
+    """Multi-worker resume: the chief finds the newest intact checkpoint of ``directory`` (moving
+    damaged ones aside, :func:`find_intact`) and every worker restores that one, ``ckpt-<step>``
+    of the chief's folder, into ``checkpoint``. ``sync``: distribute.WorkerSync (collectives:
+    every worker calls this at the same point); ``step_fn``: the restored step.
+
+    Returns the restored prefix, or None for a fresh start. Raises NoCheckpointError when this
+    worker cannot read the chief's checkpoint (--model_dir not shared by the workers), CliError
+    (CLUSTER) when the workers end up at different steps.
+    """
+    number, path = -1.0, None
+    if sync.is_chief:
+        path = find_intact(directory, move_damaged=True)
+        if path is not None:
+            number = float(checkpoint_number(path) if checkpoint_number(path) is not None else -1)
+            if number < 0:
+                raise NoCheckpointError(f"{path}: not a train.py checkpoint name (ckpt-<step>)")
+    number = sync.chief_value(number)
+    if number >= 0 and not sync.is_chief:
+        path = os.path.join(os.fspath(directory), f"ckpt-{int(number)}")
+        reason = damage_reason(path)
+        if reason is not None:
+            raise NoCheckpointError(
+                f"{task_name} cannot read the chief's checkpoint {path} ({reason}): every worker "
+                f"must see the chief's --model_dir (one folder on a filesystem they share)")
+    if path is not None:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    steps = sync.gather([float(step_fn())])[:, 0]
+    if steps.min() != steps.max():
+        raise CliError(f"the workers resumed at different steps ({sorted(set(steps.tolist()))}); "
+                       f"restart every worker of the job", CLUSTER)
+    return path

@@ -11,6 +11,10 @@ at exit (atexit, so also after an exception or sys.exit), never when another pro
 
 train.py takes it for training; ``--projector_only`` only reads checkpoints and rewrites the
 projector files, so it runs without it (it can refresh the projector while a run trains).
+
+A multi-worker job (training/distribute.py) is one run: its chief takes the lock and records the
+job's fingerprint in it (``job``); the other workers take no lock, they only check with
+:func:`check_shared` that the lock, if any, is their own job's (another live run's: LockedError).
 """
 import atexit
 import json
@@ -89,16 +93,20 @@ def is_stale(holder):
 class ModelDirLock:
     """``model_dir/.lock``; :meth:`acquire` raises :class:`LockedError` when it is held."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, job=None):
         self.model_dir = os.fspath(model_dir)
         self.path = os.path.join(self.model_dir, LOCK_NAME)
+        self.job = job  # a multi-worker job's fingerprint (its other workers share the dir)
         self.token = None
         self.pid = None
 
     def _record(self):
-        return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
-                "start": _start_ticks(os.getpid()), "since": time.time(),
-                "token": uuid.uuid4().hex}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
+                  "start": _start_ticks(os.getpid()), "since": time.time(),
+                  "token": uuid.uuid4().hex}
+        if self.job is not None:
+            record["job"] = self.job
+        return record
 
     def _try_create(self):
         record = self._record()
@@ -207,6 +215,27 @@ class ModelDirLock:
         self.release()
 
 
-def lock_model_dir(model_dir):
-    """Acquire and return the lock of ``model_dir`` (released at exit)."""
-    return ModelDirLock(model_dir).acquire()
+_HELD = {}  # realpath of a model_dir -> the ModelDirLock this process holds on it
+
+
+def lock_model_dir(model_dir, job=None):
+    """Acquire and return the lock of ``model_dir`` (released at exit); a second call in the same
+    process returns the lock it already holds. ``job``: a multi-worker job's fingerprint
+    (distribute.Cluster.job_id), recorded so that the job's other workers may share the dir."""
+    key = os.path.realpath(os.fspath(model_dir))
+    held = _HELD.get(key)
+    if held is not None and held.token is not None and held.pid == os.getpid():
+        return held
+    _HELD[key] = ModelDirLock(model_dir, job=job).acquire()
+    return _HELD[key]
+
+
+def check_shared(model_dir, job):
+    """For a non-chief worker of the multi-worker job ``job``, which takes no lock: raise
+    LockedError when ``model_dir`` is locked by a live run that is not this job (a lock of a dead
+    run, or none yet, is fine: this job's chief takes it)."""
+    holder, raw = ModelDirLock(model_dir)._read()
+    if raw is None or holder is None or holder.get("job") == job or is_stale(holder):
+        return
+    raise LockedError(f"{model_dir} is in use by another run ({_describe(holder)}), not by this "
+                      f"job's chief; wait for it to finish or use another --model_dir")

@@ -33,12 +33,16 @@ class RunConfig:
                    embedding_size=int(d["embedding_size"]),
                    normalization=d.get("normalization", "batch"))
 
-    def build_model(self):
-        """The backbone: preprocessed RGB [N, H, W, 3] -> unit embeddings [N, D]."""
+    def build_model(self, sync_batch_norm=False):
+        """The backbone: preprocessed RGB [N, H, W, 3] -> unit embeddings [N, D].
+
+        ``sync_batch_norm`` (train.py --sync_batch_norm) is how it trains, not what it is: it is
+        not stored, and checkpoints restore with or without it (models.build_model)."""
         import models
 
         return models.build_model(self.model, embedding_size=self.embedding_size,
-                                  image_size=self.image_size, normalization=self.normalization)
+                                  image_size=self.image_size, normalization=self.normalization,
+                                  sync_batch_norm=sync_batch_norm)
 
 
 def config_path(model_dir):

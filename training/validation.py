@@ -162,12 +162,40 @@ def from_identity_dataset(dataset, num_pairs=6000, num_folds=10, seed=0, check_i
                          skipped_images=list(skipped))
 
 
+class LocalEmbedder:
+    """``backbone(images, training=False)`` as one tf.function that this process runs alone.
+
+    Keras ``predict`` under a multi-worker strategy splits its data across the workers and gathers
+    the result, a collective that the other workers, which do not validate, would never join; this
+    runs no collective (distributed variables are read from their local copy), so the chief of a
+    multi-worker job validates and projects on its own. Same graph as ``predict`` otherwise.
+    ``__call__``: float32 [N, H, W, 3] preprocessed images -> float32 numpy [N, D].
+    """
+
+    def __init__(self, backbone, image_size):
+        import tensorflow as tf
+
+        h, w = image_size
+        self.backbone = backbone
+        self.dim = int(backbone.output_shape[-1])
+        self._forward = tf.function(lambda x: backbone(x, training=False),
+                                    input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)])
+
+    def __call__(self, images):
+        return np.asarray(self._forward(images), dtype=np.float32)
+
+
 def embed_paths(backbone, paths, image_size, batch_size=128):
-    """Unit embeddings of images on disk, float32 [M, D], in order (no augmentation)."""
+    """Unit embeddings of images on disk, float32 [M, D], in order (no augmentation).
+
+    ``backbone``: a Keras model, or a :class:`LocalEmbedder` of one (made once, traced once).
+    """
     from data.pipeline import eval_dataset
 
+    embed = backbone if isinstance(backbone, LocalEmbedder) else LocalEmbedder(backbone, image_size)
     ds = eval_dataset(list(paths), image_size, batch_size)
-    return np.asarray(backbone.predict(ds, verbose=0), dtype=np.float32)
+    out = [embed(batch) for batch in ds]
+    return np.concatenate(out) if out else np.zeros((0, embed.dim), np.float32)
 
 
 def embed_set(backbone, vset, image_size, batch_size=128):
