@@ -109,19 +109,25 @@ def test_mixed_precision_is_float16_on_a_gpu_and_bfloat16_without(policy, caplog
     assert keras.mixed_precision.global_policy().name == before  # untouched without the flag
     caplog.set_level("INFO")
     expected = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-    assert apply_precision(tf, types.SimpleNamespace(mixed_precision=True)) == expected
-    assert keras.mixed_precision.global_policy().name == expected
-    assert f"Keras policy {expected}" in caplog.text
+    try:
+        assert apply_precision(tf, types.SimpleNamespace(mixed_precision=True)) == expected
+        assert keras.mixed_precision.global_policy().name == expected
+        assert f"Keras policy {expected}" in caplog.text
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 @pytest.fixture
 def settings(tmp_path):
     """TrainSettings of parsed train.py flags (tiny at 16 px); FLAGS are reset after."""
+    import logging
+
     import flags
     from training.settings import TrainSettings
 
     flags.define_train_flags()
     fv = flags.FLAGS
+    absl_level = logging.getLogger("absl").level  # parsing sets absl's verbosity: restored after
 
     def make(*argv):
         fv.unparse_flags()
@@ -130,6 +136,7 @@ def settings(tmp_path):
 
     yield make
     fv.unparse_flags()
+    logging.getLogger("absl").setLevel(absl_level)
 
 
 @pytest.mark.parametrize("jit", [False, True])
