@@ -22,7 +22,7 @@ LOSSES = ("triplet",) + METRIC_LOSSES + HEADS
 
 # Optimisers and learning-rate schedules (training/optim.py); the paper uses Adagrad (Section 4).
 OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULES = ("constant", "cosine", "step", "cosine_minutes")
 # P x K batches: identities with fewer than K images are sampled with replacement, or dropped.
 SMALL_IDENTITY_POLICIES = ("replace", "drop")
 

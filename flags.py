@@ -160,11 +160,16 @@ def define_train_flags():
                       "Optimiser: Adagrad as in the paper, Adam, AdamW, or SGD with momentum.")
     flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate (paper: 0.05 with Adagrad).")
     flags.DEFINE_enum("lr_schedule", "constant", LR_SCHEDULES,
-                      "Learning-rate schedule over --max_steps.")
+                      "Learning-rate schedule: cosine and step run over --max_steps; "
+                      "cosine_minutes is a cosine over the --max_minutes wall-clock budget "
+                      "(constant without one).")
     flags.DEFINE_integer("warmup_steps", 0,
                          "Linear learning-rate warm-up over this many first steps.")
     flags.DEFINE_float("momentum", 0.9, "Momentum for --optimizer=sgd.")
     flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay applied by the optimiser.")
+    flags.DEFINE_float("ema_momentum", 0.0,
+                       "Keep an exponential moving average of the weights with this momentum "
+                       "(e.g. 0.99) and validate, checkpoint and export it; 0 = off.")
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps (overrides --epochs).")
     flags.DEFINE_integer("steps_per_epoch", 100, "Steps between validations and checkpoints.")
     flags.DEFINE_integer("epochs", None, "Number of epochs; default from --max_steps.")
@@ -190,9 +195,10 @@ def define_train_flags():
                       "Under a distribution strategy: global mines over the whole P x K batch "
                       "(embeddings all-gathered across replicas and workers, FaceNet Section "
                       "3.2); replica mines inside each replica's slice.")
-    flags.DEFINE_boolean("sync_batch_norm", False,
-                         "Batch-norm statistics over the global batch (synchronised across "
-                         "replicas) instead of each replica's slice.")
+    flags.DEFINE_boolean("sync_batch_norm", True,
+                         "With more than one replica: batch-norm statistics over the global batch "
+                         "(synchronised across replicas); --nosync_batch_norm uses each replica's "
+                         "slice.")
     flags.DEFINE_integer("num_cpu_devices", 1,
                          "Split the CPU into this many logical devices (to try --distribution_"
                          "strategy=mirrored without GPUs).")

@@ -21,6 +21,12 @@ metrics.json. ``ratio`` is two-worker images/s over one-process images/s.
 On a 2-core machine the two workers share the same two cores, so ``train`` measures the overhead of
 the distribution (all-gather, gradient all-reduce, one core each), not a speed-up.
 
+``sync_bn`` (``"bench": "distributed_sync_bn"``): ``train.py --distribution_strategy=mirrored
+--num_cpu_devices=2`` on the built-in data (the synthetic recipe, P x K from ``--sync_bn_batch``,
+default 16 x 8, i.e. 64 images per replica) for ``--sync_bn_steps`` steps, with and without
+``--sync_batch_norm``: held-out accuracy and AUC at the end, training images/s of the last interval.
+This is what chose the flag's default (README "Scaling out").
+
     python bench/distributed.py                       # both parts
     python bench/distributed.py --parts mining --repeats 10
 """
@@ -217,9 +223,41 @@ def run_train(args):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_sync_bn(args):
+    work = tempfile.mkdtemp(prefix="bench_sync_bn_")
+    p, k = (int(v) for v in args.sync_bn_batch.lower().split("x"))
+    try:
+        for sync in (False, True):
+            model_dir = os.path.join(work, f"sync_{sync}")
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--recipe=synthetic",
+                   f"--identities_per_batch={p}", f"--images_per_identity={k}",
+                   f"--max_steps={args.sync_bn_steps}",
+                   f"--steps_per_epoch={max(1, args.sync_bn_steps // 2)}",
+                   f"--model_dir={model_dir}", f"--cache_dir={args.cache_dir}", "--export=false",
+                   "--projector_images=0", "--distribution_strategy=mirrored",
+                   "--num_cpu_devices=2", f"--sync_batch_norm={str(sync).lower()}",
+                   *args.extra.split()]
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                  timeout=7200)
+            if proc.returncode != 0:
+                raise SystemExit(f"train.py (sync_batch_norm={sync}) failed:\n{proc.stderr[-3000:]}")
+            with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+                metrics = json.load(f)
+            _emit({"bench": "distributed_sync_bn", "sync_batch_norm": sync, "replicas": 2,
+                   "global_batch": p * k, "rows_per_replica": p * k // 2,
+                   "steps": metrics["step"], "accuracy_mean": round(metrics["accuracy_mean"], 4),
+                   "auc": round(metrics["auc"], 4),
+                   "images_per_second": metrics["history"][-1]["images_per_second"],
+                   "train_seconds": metrics["train_seconds"],
+                   "wall_seconds": round(time.monotonic() - t0, 1)}, args.output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="mining,train", help="comma-separated: mining, train")
+    ap.add_argument("--parts", default="mining,train", help="comma-separated: mining, train, sync_bn")
     ap.add_argument("--identities_per_batch", type=int, default=45, help="P")
     ap.add_argument("--images_per_identity", type=int, default=40, help="K")
     ap.add_argument("--embedding_size", type=int, default=128)
@@ -228,6 +266,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--image_size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed interval (train)")
+    ap.add_argument("--sync_bn_batch", default="16x8", help="P x K of the sync_bn part")
+    ap.add_argument("--sync_bn_steps", type=int, default=400, help="steps per sync_bn run")
     ap.add_argument("--cache_dir", default=os.path.join(ROOT, "runs", "bench_cache"))
     ap.add_argument("--extra", default="", help="more train.py flags for every run")
     ap.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "distributed.jsonl"))
@@ -246,8 +286,10 @@ def main(argv=None):
             run_mining(args)
         elif part == "train":
             run_train(args)
+        elif part == "sync_bn":
+            run_sync_bn(args)
         else:
-            raise SystemExit(f"unknown part {part!r}: choose mining, train")
+            raise SystemExit(f"unknown part {part!r}: choose mining, train, sync_bn")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_the_trainer_compiles_with_the_jit_flag(settings, jit):
     assert trainer.train_model.jit_compile is jit
 
 
-def test_the_trainer_builds_synchronised_batch_norm_only_when_asked(settings):
+def test_the_trainer_builds_synchronised_batch_norm_only_with_several_replicas(settings):
     import keras
     import tensorflow as tf
 
@@ -160,6 +160,20 @@ def test_the_trainer_builds_synchronised_batch_norm_only_when_asked(settings):
         return {layer.synchronized for layer in trainer.backbone.layers
                 if isinstance(layer, keras.layers.BatchNormalization)}
 
+    # one replica: plain batch norm even with the flag on (its default)
     assert synchronized(Trainer(tf, settings(), tf.distribute.get_strategy())) == {False}
     assert synchronized(Trainer(tf, settings("--sync_batch_norm"),
-                                tf.distribute.get_strategy())) == {True}
+                                tf.distribute.get_strategy())) == {False}
+
+
+def test_batch_norm_is_synchronised_by_default_with_several_replicas(settings):
+    import types
+
+    from training.distribute import synchronised_batch_norm
+
+    assert settings().sync_batch_norm  # the default
+    assert synchronised_batch_norm(settings().sync_batch_norm, types.SimpleNamespace(
+        num_replicas_in_sync=2))
+    assert not synchronised_batch_norm(settings("--nosync_batch_norm").sync_batch_norm,
+                                       types.SimpleNamespace(num_replicas_in_sync=2))
+    assert not synchronised_batch_norm(True, types.SimpleNamespace(num_replicas_in_sync=1))

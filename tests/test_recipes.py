@@ -108,6 +108,71 @@ def test_time_limit_pause_moves_the_deadline():
     assert limit.hit and limit.model.stop_training
 
 
+def test_minutes_cosine_follows_the_budget_in_eager_and_graph_mode():
+    """The rate is a cosine of the budget fraction (NumPy formula), read live by a traced step,
+    and the callback derives that fraction from TimeLimit's (pausable) deadline."""
+    import math
+
+    import tensorflow as tf
+
+    from training.callbacks import BudgetProgress, TimeLimit
+    from training.optim import (LinearWarmup, MinutesCosine, learning_rate_schedule,
+                                make_optimizer, minutes_schedule)
+
+    lr = learning_rate_schedule("cosine_minutes", 0.2, total_steps=1, warmup_steps=5)
+    assert isinstance(lr, LinearWarmup) and isinstance(lr.after, MinutesCosine)
+    opt = make_optimizer("adam", 0.2, 1, "cosine_minutes", warmup_steps=5)
+    sched = minutes_schedule(opt)
+    assert sched is not None and minutes_schedule(make_optimizer("adam", 0.2)) is None
+    graph = tf.function(lambda s: sched(s))
+    for p in (0.0, 0.25, 0.5, 1.0, 1.7):
+        sched.progress.assign(p)
+        want = 0.2 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+        assert float(sched(7)) == pytest.approx(want, rel=1e-6)
+        assert float(graph(tf.constant(7))) == pytest.approx(want, rel=1e-6)  # not a constant
+    again = MinutesCosine.from_config(sched.get_config())
+    assert again.rate == 0.2 and float(again(0)) == pytest.approx(0.2)
+
+    limit = TimeLimit(time.monotonic() + 100.0)
+    cb = BudgetProgress(sched, limit, budget_seconds=400.0)  # 300 of 400 s already spent
+    cb.on_train_batch_begin(0)
+    assert float(sched.progress) == pytest.approx(0.75, abs=0.01)
+    limit.pause(100.0)  # validation does not advance the schedule
+    cb.on_train_batch_begin(1)
+    assert float(sched.progress) == pytest.approx(0.5, abs=0.01)
+    limit.deadline = time.monotonic() - 5.0
+    cb.on_train_batch_begin(2)
+    assert float(sched.progress) == 1.0
+
+
+def test_ema_weights_replace_the_weights_when_fit_returns():
+    """--ema_momentum: after fit() the model holds the running average (checked against a NumPy
+    recurrence of the raw weights, the first step of Keras' EMA copies the weights)."""
+    import keras
+    import tensorflow as tf
+
+    from training.optim import make_optimizer
+
+    with pytest.raises(ValueError, match="ema_momentum"):
+        make_optimizer("adam", 1e-3, ema_momentum=1.5)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    opt = make_optimizer("sgd", 0.1, momentum=0.0, ema_momentum=0.5)
+    model.compile(optimizer=opt, loss="mse")
+    x = np.eye(3, dtype=np.float32)
+    y = np.ones((3, 1), np.float32)
+    w = model.get_weights()[0].copy()
+    ema = None
+    for _ in range(4):  # plain SGD on the full batch, then the average as Keras keeps it
+        grad = 2.0 / 3.0 * (x.T @ (x @ w - y))
+        w = w - 0.1 * grad
+        ema = w.copy() if ema is None else 0.5 * ema + 0.5 * w
+    model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(4), epochs=1, verbose=0,
+              shuffle=False)
+    np.testing.assert_allclose(model.get_weights()[0], ema, rtol=1e-5)
+    assert not np.allclose(ema, w)  # the average really differs from the last weights
+
+
 def test_real_faces_bench_summary():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
     import real_faces

@@ -66,6 +66,28 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class BudgetProgress(keras.callbacks.Callback):
+    """Before every step, set ``schedule.progress`` (a :class:`training.optim.MinutesCosine`) to
+    the fraction of ``time_limit``'s budget of ``budget_seconds`` spent so far, in [0, 1].
+
+    The remaining time is read from ``time_limit.deadline``, which :meth:`TimeLimit.pause` moves
+    while train.py validates, so validation does not advance the schedule either.
+    """
+
+    def __init__(self, schedule, time_limit, budget_seconds):
+        super().__init__()
+        self.schedule = schedule
+        self.time_limit = time_limit
+        self.budget_seconds = float(budget_seconds)
+
+    def fraction(self):
+        remaining = self.time_limit.deadline - time.monotonic()
+        return min(1.0, max(0.0, 1.0 - remaining / self.budget_seconds))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.schedule.progress.assign(self.fraction())
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Stop training once ``deadline`` (time.monotonic()) has passed; checked after every step.
 

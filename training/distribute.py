@@ -74,6 +74,18 @@ def precision_policy(tf):
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
 
 
+def synchronised_batch_norm(sync_batch_norm, strategy):
+    """Whether the model's batch norm is built ``synchronized``: --sync_batch_norm (default on)
+    with more than one replica in sync. One replica's statistics are the global batch's already,
+    so a one-device run keeps Keras' plain (and numerically usual) moments.
+
+    Measured (bench/distributed.py ``sync_bn``, README "Scaling out"): 2 replicas of 64 images,
+    200 steps on the built-in data: 88.6% held-out accuracy synchronised vs 85.4% per replica,
+    with no throughput cost measurable on 2 CPU cores.
+    """
+    return bool(sync_batch_norm) and int(strategy.num_replicas_in_sync) > 1
+
+
 def check_jit(tf, strategy, jit_compile):
     """CliError (USAGE) for --jit_compile where XLA cannot compile the step: several replicas
     without a GPU (XLA:CPU has no kernels for the cross-replica collectives, e.g.

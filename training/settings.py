@@ -58,6 +58,7 @@ class TrainSettings:
     lr_schedule: str
     momentum: float
     weight_decay: float
+    ema_momentum: float
     warmup_steps: int
     # how long
     max_steps: int

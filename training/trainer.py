@@ -91,7 +91,8 @@ class Trainer:
     def __init__(self, tf, settings, strategy, num_classes=None, old_model=None, cluster=None,
                  scratch=None):
         from training import validation
-        from training.distribute import WorkerSync, keras_fit_under_multi_worker
+        from training.distribute import (WorkerSync, keras_fit_under_multi_worker,
+                                         synchronised_batch_norm)
         from training.objectives import build_train_model
         from training.optim import make_optimizer
         from training.run_config import checkpoint_dir
@@ -109,7 +110,8 @@ class Trainer:
         # the chief's decisions, shared with every worker (a collective each); None: one process
         self.sync = None if cluster is None else WorkerSync(tf, strategy, self.is_chief)
         with strategy.scope():
-            self.backbone = self.config.build_model(sync_batch_norm=s.sync_batch_norm)
+            self.backbone = self.config.build_model(
+                sync_batch_norm=synchronised_batch_norm(s.sync_batch_norm, strategy))
             old_embedding = None
             if old_model is not None:
                 from training.compatible import FrozenEmbedding
@@ -124,7 +126,7 @@ class Trainer:
                 mining_scope=s.mining_scope)
             optimizer = make_optimizer(s.optimizer, s.learning_rate, self.total_steps,
                                        s.lr_schedule, s.momentum, s.weight_decay,
-                                       s.warmup_steps)
+                                       s.warmup_steps, s.ema_momentum)
             self.train_model.compile(optimizer=optimizer, jit_compile=s.jit_compile)
             self.optimizer = self.train_model.optimizer
             self.optimizer.build(self.train_model.trainable_variables)
@@ -375,7 +377,8 @@ def run(tf, settings, t_start, strategy=None, cluster=None):
         print(json.dumps({"projector_config": write_projector(trainer, val_set, log_dir)}))
         return
 
-    from training.callbacks import StepLogger, StopOnNaN, TimeLimit
+    from training.callbacks import BudgetProgress, StepLogger, StopOnNaN, TimeLimit
+    from training.optim import minutes_schedule
     from training.objectives import PhaseSwitch
 
     batch = s.batch_images
@@ -392,6 +395,16 @@ def run(tf, settings, t_start, strategy=None, cluster=None):
     # One process stops at the step the budget runs out; the workers of a job must stop at the
     # same step, so they follow the chief's clock at the end of each epoch instead.
     callbacks = [nan_stop, logger] + ([time_limit] if cluster is None else [])
+    budget_schedule = minutes_schedule(trainer.optimizer)
+    if budget_schedule is not None:
+        if deadline is None or cluster is not None:
+            # No budget to decay over (or workers whose clocks would give them different rates):
+            # the rate stays at --learning_rate, as with --lr_schedule=constant.
+            why = ("has no --max_minutes budget to decay over" if cluster is None else
+                   "does not run in a multi-worker job (each worker's clock would set its own rate)")
+            logging.warning("--lr_schedule=cosine_minutes %s: the learning rate stays constant", why)
+        else:
+            callbacks.append(BudgetProgress(budget_schedule, time_limit, 60.0 * max_minutes))
     if s.pretrain_softmax_steps > 0:
         callbacks.insert(0, PhaseSwitch(step_fn, s.pretrain_softmax_steps,
                                         trainer.terms["classifier"], trainer.terms["metric"]))
