@@ -1,5 +1,6 @@
-"""Shared pytest set-up: quiet TensorFlow and the shared-data fixtures (plain helper functions are
-in tests/helpers.py)."""
+"""Shared pytest set-up: quiet TensorFlow, the absl logger's level kept per test, and the
+shared-data fixtures (plain helper functions are in tests/helpers.py)."""
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,6 +16,17 @@ def _path_from_env(variable, check):
     if not check(path):
         pytest.skip(f"{variable}={path} does not exist")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _absl_logger_level():
+    """Parsing absl flags (train.py's, evaluate.py's) sets the ``absl`` logger's level from
+    --verbosity; put it back after every test, so that a later test's log capture does not
+    depend on which tests ran before it in the same process (pytest -n runs files in any order)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def tree(tmp_path):
 
 
 def test_scan_sorts_labels_and_filters(tree, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         ds = scan_identity_folder(tree)
     assert ds.class_names == ("José Álvarez", "Zoë", "bob")
     assert ds.paths == (
