@@ -50,15 +50,16 @@ def _backbone():
 
 
 def _two_steps(loss, mining, jit_compile):
-    """Loss of each of two fit steps on P x K batches of random images."""
+    """Loss of each of two fit steps on P x K batches of random images, the model and its loss
+    terms."""
     import keras
     import tensorflow as tf
 
     from training.objectives import build_train_model
 
     keras.utils.set_random_seed(3)
-    model, _ = build_train_model(_backbone(), (SIZE, SIZE), loss, num_classes=P, mining=mining,
-                                 seed=3)
+    model, terms = build_train_model(_backbone(), (SIZE, SIZE), loss, num_classes=P,
+                                     mining=mining, seed=3)
     model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit_compile)
     assert model.jit_compile is jit_compile  # Keras did not turn XLA off for an unsupported layer
     rng = np.random.default_rng(0)
@@ -69,13 +70,13 @@ def _two_steps(loss, mining, jit_compile):
     losses = []
     model.fit(ds, epochs=1, verbose=0, callbacks=[keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))])
-    return losses, model
+    return losses, model, terms
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, mining", XLA_CASES)
 def test_every_loss_trains_under_xla(loss, mining):
-    losses, _ = _two_steps(loss, mining, jit_compile=True)
+    losses, _, _ = _two_steps(loss, mining, jit_compile=True)
     assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
 
 
@@ -83,10 +84,17 @@ def test_every_loss_trains_under_xla(loss, mining):
 @pytest.mark.parametrize("loss, mining", CASES)
 def test_every_loss_trains_in_mixed_bfloat16(policy, loss, mining):
     policy("mixed_bfloat16")
-    losses, model = _two_steps(loss, mining, jit_compile=False)
+    losses, model, terms = _two_steps(loss, mining, jit_compile=False)
     assert len(losses) == 2 and np.all(np.isfinite(losses)), losses
     conv = next(layer for layer in model.layers[1].layers if layer.name.startswith("conv"))
     assert conv.compute_dtype == "bfloat16" and conv.variable_dtype == "float32"
+    # the loss terms (and a classifier's head) take the float32 embeddings as they are: no
+    # rounding to bfloat16 before the heads and the mining
+    assert terms
+    for term in terms.values():
+        assert term.compute_dtype == "float32", term.name
+        head = getattr(term, "head", None)
+        assert head is None or head.compute_dtype == "float32", head.name
 
 
 def _fake_tf(gpus):

@@ -189,33 +189,37 @@ def build_train_model(backbone, image_size, loss="triplet", num_classes=None, *,
     labels = keras.Input((), dtype="int32", name="labels")
     emb = backbone(images)
     terms = {}
+    # The loss terms compute in float32 whatever the global policy: under --mixed_precision the
+    # backbone's float32 unit embeddings reach the heads and the mining unrounded.
+    f32 = {"dtype": "float32"}
     if with_classifier:
         head_name = loss if loss in margin_heads.HEADS else pretrain_head
         head = margin_heads.make_head(head_name, int(num_classes),
                                       **head_kwargs(head_name, head_scale, head_margin,
-                                                    center_weight))
-        terms["classifier"] = ClassifierTerm(head, name=f"{head_name}_head")
+                                                    center_weight), **f32)
+        terms["classifier"] = ClassifierTerm(head, name=f"{head_name}_head", **f32)
         emb = terms["classifier"]([emb, labels])
     if loss == "triplet" and pretrain_steps > 0:
         # A switchable term; it reports no mining statistics (TripletLossLayer does).
-        triplet = TripletLoss(margin=margin, distance=distance, mining=mining,
+        triplet = TripletLoss(margin=margin, distance=distance, mining=mining, seed=seed,
                               mining_scope=mining_scope)
-        terms["metric"] = EmbeddingLossTerm(triplet, name="triplet_loss")
+        terms["metric"] = EmbeddingLossTerm(triplet, name="triplet_loss", **f32)
         emb = terms["metric"]([emb, labels])
     elif loss == "triplet" and old_embedding is not None:
         from losses.harmonic import HarmonicTripletLossLayer
 
         terms["triplet"] = HarmonicTripletLossLayer(margin=margin, distance=distance, mining=mining,
-                                                    mining_scope=mining_scope,
-                                                    name="harmonic_triplet_loss")
+                                                    seed=seed, mining_scope=mining_scope,
+                                                    name="harmonic_triplet_loss", **f32)
         emb = terms["triplet"]([emb, old_embedding(images), labels])
     elif loss == "triplet":
         terms["triplet"] = TripletLossLayer(margin=margin, distance=distance, mining=mining,
-                                            mining_scope=mining_scope, name="triplet_loss")
+                                            seed=seed, mining_scope=mining_scope,
+                                            name="triplet_loss", **f32)
         emb = terms["triplet"]([emb, labels])
     elif loss in METRIC_LOSSES:
         terms["metric"] = EmbeddingLossTerm(metric_loss(loss, loss_margin, seed, mining_scope),
-                                            name=f"{loss}_loss")
+                                            name=f"{loss}_loss", **f32)
         emb = terms["metric"]([emb, labels])
     model = keras.Model({"images": images, "labels": labels}, emb, name="facenet_train")
     return model, terms
