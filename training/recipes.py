@@ -14,7 +14,8 @@ faces"); ``bench/real_faces.py`` reproduces the curves.
   P=16 x K=8, Adam 1e-3 after a 100-step warm-up. On pins_aligned (70 training people, 20 held
   out) it reaches 70% held-out accuracy in 7 minutes on 2 cores and ~74% after 20-60 minutes;
   variants of the loss, head, augmentation, learning rate and network did not beat it in short
-  exploratory runs (issue #13).
+  exploratory runs (issue #13), nor did a cosine over the time budget with weight averaging, or
+  CosFace pre-training, run through bench/real_faces.py (72.3% and 72.7% at 20 minutes).
 """
 from choices import RECIPES as RECIPE_CHOICES  # defined once (TF-free); flags.py offers them
 
