@@ -305,7 +305,7 @@ def _scratch_for(cluster):
 
 
 def _log_distribution(strategy, settings, cluster, trainer):
-    from training.distribute import describe
+    from training.distribute import describe, synchronised_batch_norm
 
     d = describe(strategy, settings.batch_images, settings.mining_scope)
     task = "" if cluster is None else (f"; this process: {cluster.name} at {cluster.address}, "
@@ -315,7 +315,8 @@ def _log_distribution(strategy, settings, cluster, trainer):
                  "sync batch norm %s; XLA %s%s", d["strategy"], d["replicas"], d["workers"],
                  d["global_batch"], settings.identities_per_batch, settings.images_per_identity,
                  d["per_replica_batch"], d["mining"], settings.mining_scope,
-                 "on" if settings.sync_batch_norm else "off",
+                 ("on" if synchronised_batch_norm(settings.sync_batch_norm, strategy) else
+                  "off" + (" (one replica)" if settings.sync_batch_norm else "")),
                  "on" if trainer.train_model.jit_compile else "off", task)
 
 
