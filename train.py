@@ -61,6 +61,8 @@ def _check_inputs():
     if not 0.0 <= FLAGS.val_fraction < 1.0:
         raise CliError(f"--val_fraction must be in [0, 1) (0: no validation without --val_dir), "
                        f"got {FLAGS.val_fraction:g}")
+    if FLAGS.ema_momentum and not 0.0 < FLAGS.ema_momentum < 1.0:
+        raise CliError(f"--ema_momentum must be in (0, 1) (0: off), got {FLAGS.ema_momentum:g}")
 
 
 def _apply_recipe():

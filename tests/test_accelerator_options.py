@@ -127,15 +127,13 @@ def test_mixed_precision_is_float16_on_a_gpu_and_bfloat16_without(policy, caplog
 
 @pytest.fixture
 def settings(tmp_path):
-    """TrainSettings of parsed train.py flags (tiny at 16 px); FLAGS are reset after."""
-    import logging
-
+    """TrainSettings of parsed train.py flags (tiny at 16 px); FLAGS are reset after (and the absl
+    logger's level by conftest)."""
     import flags
     from training.settings import TrainSettings
 
     flags.define_train_flags()
     fv = flags.FLAGS
-    absl_level = logging.getLogger("absl").level  # parsing sets absl's verbosity: restored after
 
     def make(*argv):
         fv.unparse_flags()
@@ -144,7 +142,6 @@ def settings(tmp_path):
 
     yield make
     fv.unparse_flags()
-    logging.getLogger("absl").setLevel(absl_level)
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -208,10 +208,12 @@ def test_train_read_only_model_dir(tmp_path, faces):
     _assert_user_error(proc, "train.py", exit_codes.USAGE, "--model_dir", ro, "not writable")
 
 
-def test_train_bad_val_fraction_and_half_lfw_flags(tmp_path, faces):
+def test_train_bad_val_fraction_ema_momentum_and_half_lfw_flags(tmp_path, faces):
     base = (f"--data_dir={faces['train_dir']}", f"--model_dir={tmp_path / 'm'}")
     _assert_user_error(_run("train.py", *base, "--val_fraction=1"), "train.py", exit_codes.USAGE,
                        "--val_fraction")
+    _assert_user_error(_run("train.py", *base, "--ema_momentum=1.5"), "train.py",
+                       exit_codes.USAGE, "--ema_momentum")
     _assert_user_error(_run("train.py", *base, f"--lfw_dir={faces['test_dir']}"), "train.py",
                        exit_codes.USAGE, "--lfw_pairs")
 

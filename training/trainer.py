@@ -110,8 +110,9 @@ class Trainer:
         # the chief's decisions, shared with every worker (a collective each); None: one process
         self.sync = None if cluster is None else WorkerSync(tf, strategy, self.is_chief)
         with strategy.scope():
-            self.backbone = self.config.build_model(
-                sync_batch_norm=synchronised_batch_norm(s.sync_batch_norm, strategy))
+            # what was built, for the log line too
+            self.sync_batch_norm = synchronised_batch_norm(s.sync_batch_norm, strategy)
+            self.backbone = self.config.build_model(sync_batch_norm=self.sync_batch_norm)
             old_embedding = None
             if old_model is not None:
                 from training.compatible import FrozenEmbedding
@@ -305,7 +306,7 @@ def _scratch_for(cluster):
 
 
 def _log_distribution(strategy, settings, cluster, trainer):
-    from training.distribute import describe, synchronised_batch_norm
+    from training.distribute import describe
 
     d = describe(strategy, settings.batch_images, settings.mining_scope)
     task = "" if cluster is None else (f"; this process: {cluster.name} at {cluster.address}, "
@@ -315,7 +316,7 @@ def _log_distribution(strategy, settings, cluster, trainer):
                  "sync batch norm %s; XLA %s%s", d["strategy"], d["replicas"], d["workers"],
                  d["global_batch"], settings.identities_per_batch, settings.images_per_identity,
                  d["per_replica_batch"], d["mining"], settings.mining_scope,
-                 ("on" if synchronised_batch_norm(settings.sync_batch_norm, strategy) else
+                 ("on" if trainer.sync_batch_norm else
                   "off" + (" (one replica)" if settings.sync_batch_norm else "")),
                  "on" if trainer.train_model.jit_compile else "off", task)
 
